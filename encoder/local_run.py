@@ -1,0 +1,139 @@
+"""``imgenc encode``: the embedded way of running, with no services.
+
+The folder scan hands out the work; ``encode_stream`` decodes and encodes; ``ShardWriter``
+writes.  The Celery worker shares all of it except the scan.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from encoder.images import ImageLoader
+from encoder.manifest import merge_manifest, read_manifest, status_counts
+from encoder.pipeline import encode_stream
+from encoder.scan import scan_images
+from encoder.settings import Settings
+from encoder.spec import spec_for
+from encoder.storage import open_storage
+from encoder.writer import ShardWriter, ensure_spec
+
+log = logging.getLogger("imgenc")
+
+
+@dataclass
+class RunSummary:
+    counts: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0  # already done in DEST (--resume)
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def processed(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def failed(self) -> int:
+        return sum(n for status, n in self.counts.items() if status != "ok")
+
+    def lines(self) -> list[str]:
+        rate = self.processed / self.seconds if self.seconds > 0 else 0.0
+        head = "interrupted" if self.interrupted else "done"
+        lines = [
+            f"{head}: {self.processed} images in {self.seconds:.1f} s ({rate:.2f} img/s), "
+            f"{self.skipped} already done"
+        ]
+        lines += [f"  {status:<14} {n}" for status, n in sorted(self.counts.items())]
+        return lines
+
+
+def new_run_id() -> str:
+    return (
+        "local-" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(2)
+    )
+
+
+def done_keys(dest: str) -> set[tuple[str, int | None, int | None]]:
+    """(id, size, mtime_ns) of every image the destination already holds as ok."""
+    keys = set()
+    for row in read_manifest(open_storage(dest)):
+        if row["status"] == "ok":
+            size = int(row["size"]) if row["size"] else None
+            mtime = int(row["mtime_ns"]) if row["mtime_ns"] else None
+            keys.add((row["id"], size, mtime))
+    return keys
+
+
+def encode_folder(
+    image_dir: str | Path,
+    dest: str,
+    settings: Settings,
+    resume: bool = False,
+    progress: bool = True,
+    encoder: object | None = None,
+) -> RunSummary:
+    """Encode every image under ``image_dir`` into ``dest``; see ``imgenc encode --help``."""
+    from tqdm import tqdm
+
+    from encoder.model import Encoder
+
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise NotADirectoryError(f"{image_dir} is not a directory")
+    storage = open_storage(dest)
+    spec = spec_for(settings)
+    ensure_spec(storage, spec)
+    skip = done_keys(dest) if resume else set()
+    todo = sum(1 for e in scan_images(image_dir) if e.resume_key not in skip)
+    enc = encoder if encoder is not None else Encoder(settings)
+    loader = ImageLoader(image_dir, enc.input_size)
+    writer = ShardWriter(storage, spec, new_run_id(), settings.shard_size, settings.flush_seconds)
+    summary = RunSummary()
+
+    def ids():
+        for entry in scan_images(image_dir):
+            if entry.resume_key in skip:
+                summary.skipped += 1
+                continue
+            yield entry.id
+
+    bar = tqdm(
+        total=todo,
+        unit="img",
+        disable=not progress,
+        file=sys.stderr,
+        smoothing=0.1,
+    )
+    start = time.monotonic()
+    failed = 0
+    try:
+        for results, codes in encode_stream(
+            ids(),
+            loader,
+            enc.encode,
+            settings.batch,
+            settings.decode_threads,
+            bytes_per_code=spec.bytes_per_code,
+        ):
+            writer.add(results, codes)
+            bar.update(len(results))
+            failed += sum(1 for r in results if not r.ok)
+            if failed:
+                bar.set_postfix(failed=failed, refresh=False)
+        writer.flush()
+    except KeyboardInterrupt:
+        # Whole batches already encoded are kept; the batch in flight is dropped.
+        summary.interrupted = True
+        writer.flush()
+    finally:
+        bar.close()
+        summary.seconds = time.monotonic() - start
+        rows = merge_manifest(storage)
+    summary.counts = dict(writer.counts)
+    log.info("manifest: %d rows, %s", len(rows), status_counts(rows))
+    return summary

@@ -1,0 +1,64 @@
+"""The encoding loop shared by ``imgenc encode`` and the Celery worker.
+
+``encode_stream`` is the mapper: image ids in, ``(results, codes)`` per batch out.  Images
+are decoded by ``ImageLoader`` in a thread pool that runs ``prefetch`` batches ahead, while
+the model encodes the current batch in the calling thread (TensorFlow and Pillow both
+release the GIL).  Who hands out the ids (a folder scan, a Celery message) and where the
+codes go (``ShardWriter``) are the caller's business.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from encoder.images import ImageLoader, LoadResult
+
+EncodeFn = Callable[[np.ndarray], np.ndarray]
+
+
+def encode_stream(
+    ids: Iterable[str],
+    loader: ImageLoader,
+    encode: EncodeFn,
+    batch_size: int,
+    decode_threads: int = 2,
+    prefetch: int = 2,
+    bytes_per_code: int = 0,
+) -> Iterator[tuple[list[LoadResult], np.ndarray]]:
+    """Yield ``(results, codes)`` per batch: every image's ``LoadResult`` (pixels dropped)
+    and one packed code row per ok result, in order."""
+    id_iter = iter(ids)
+    pending: deque[list[Future[LoadResult]]] = deque()
+    with ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode") as pool:
+
+        def submit_next() -> bool:
+            batch = list(itertools.islice(id_iter, batch_size))
+            if batch:
+                pending.append([pool.submit(loader.load, image_id) for image_id in batch])
+            return bool(batch)
+
+        for _ in range(prefetch + 1):
+            if not submit_next():
+                break
+        try:
+            while pending:
+                futures = pending.popleft()
+                results = [f.result() for f in futures]
+                submit_next()
+                ok = [r.pixels for r in results if r.ok]
+                if ok:
+                    codes = encode(np.stack(ok))
+                else:
+                    codes = np.zeros((0, bytes_per_code), np.uint8)
+                for r in results:
+                    r.pixels = None
+                yield results, codes
+        finally:
+            for futures in pending:
+                for f in futures:
+                    f.cancel()

@@ -1,0 +1,158 @@
+"""The code spec: everything that decides what a code means, recorded beside every output.
+
+Two sets of codes can be compared only if their *compatibility fields* match (backbone,
+layout, bits, seed, planes, weights, input size, resize, precision, centre).  Library
+versions are recorded for the record but not compared.  ``fingerprint`` is a short hash
+of the compatibility fields that travels in every task message, so a worker can refuse
+work it would encode differently.  Computing a spec never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from encoder.backbones import get_backbone
+from encoder.planes import planes_sha256
+from encoder.settings import Settings
+
+SPEC_VERSION = 1
+RESIZE_METHOD = "squash-bilinear"  # whole image to input_size x input_size, Pillow BILINEAR
+COMPAT_FIELDS = (
+    "spec_version",
+    "backbone",
+    "layout",
+    "n_bits",
+    "seed",
+    "planes_sha256",
+    "weights",
+    "input_size",
+    "resize",
+    "precision",
+    "center_sha256",
+)
+
+
+class SpecMismatch(Exception):
+    """Codes made under two different specs would be compared."""
+
+
+@dataclass(frozen=True)
+class CodeSpec:
+    backbone: str
+    layout: str
+    n_bits: int
+    seed: int
+    planes_sha256: str
+    weights: str  # "imagenet@keras-3.x", "random", or "file:sha256:<hex>"
+    input_size: int
+    resize: str
+    precision: str
+    code_shape: tuple[int, ...]  # unpacked bits per image: (positions, n_bits) or (n_bits,)
+    bytes_per_code: int  # packed bytes per image (np.packbits of the flattened bits)
+    center_sha256: str | None = None
+    spec_version: int = SPEC_VERSION
+    libraries: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        compat = {name: getattr(self, name) for name in COMPAT_FIELDS}
+        return hashlib.sha256(json.dumps(compat, sort_keys=True).encode()).hexdigest()[:16]
+
+    def differences(self, other: CodeSpec) -> dict[str, tuple[Any, Any]]:
+        return {
+            name: (getattr(self, name), getattr(other, name))
+            for name in COMPAT_FIELDS
+            if getattr(self, name) != getattr(other, name)
+        }
+
+    def check_compatible(self, other: CodeSpec, what: str = "codes") -> None:
+        diff = self.differences(other)
+        if diff:
+            detail = "; ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())
+            raise SpecMismatch(f"{what} were made under a different code spec ({detail})")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["code_shape"] = list(self.code_shape)
+        data["fingerprint"] = self.fingerprint
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CodeSpec:
+        data = {k: v for k, v in data.items() if k != "fingerprint"}
+        data["code_shape"] = tuple(data["code_shape"])
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> CodeSpec:
+        return cls.from_dict(json.loads(text))
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("tensorflow", "keras", "numpy", "pillow"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "absent"
+    return versions
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_identity(weights: str) -> str:
+    if weights == "random":
+        return "random"
+    if weights == "imagenet":
+        try:
+            return f"imagenet@keras-{metadata.version('keras')}"
+        except metadata.PackageNotFoundError:
+            return "imagenet@keras-absent"
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--weights {weights!r} is neither 'imagenet', 'random' nor a readable weights file"
+        )
+    return f"file:sha256:{file_sha256(path)}"
+
+
+def spec_for(settings: Settings) -> CodeSpec:
+    """The spec that ``settings`` will produce, computed without building the model."""
+    backbone = get_backbone(settings.backbone)
+    if settings.layout == "spatial":
+        code_shape: tuple[int, ...] = (backbone.positions, settings.bits)
+    else:
+        code_shape = (settings.bits,)
+    n_bits_total = 1
+    for n in code_shape:
+        n_bits_total *= n
+    return CodeSpec(
+        backbone=backbone.name,
+        layout=settings.layout,
+        n_bits=settings.bits,
+        seed=settings.seed,
+        planes_sha256=planes_sha256(backbone.channels, settings.bits, settings.seed),
+        weights=weights_identity(settings.weights),
+        input_size=backbone.input_size,
+        resize=RESIZE_METHOD,
+        precision=settings.precision,
+        code_shape=code_shape,
+        bytes_per_code=(n_bits_total + 7) // 8,
+        center_sha256=file_sha256(settings.center) if settings.center else None,
+        libraries=library_versions(),
+    )

@@ -1,0 +1,128 @@
+"""``ShardWriter``: the one writer of codes and manifest rows, for every way of running.
+
+``imgenc encode`` lets it cut shards by size and age; the Celery worker flushes one shard
+per chunk under a name derived from the job and chunk, so a redelivered chunk overwrites
+the same keys.  Each flush writes the ``.npy`` shard first and its manifest part second,
+both atomically, so an interrupted run never leaves a manifest row without its code.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+
+from encoder.images import LoadResult
+from encoder.manifest import CODES_PREFIX, PARTS_PREFIX, SPEC_KEY, Row, rows_to_csv
+from encoder.spec import CodeSpec, SpecMismatch
+from encoder.storage import Storage
+
+
+def ensure_spec(storage: Storage, spec: CodeSpec) -> None:
+    """Write ``spec.json``, or check that the one already there matches."""
+    try:
+        existing = CodeSpec.from_json(storage.get(SPEC_KEY))
+    except KeyError:
+        storage.put(SPEC_KEY, spec.to_json().encode())
+        return
+    try:
+        existing.check_compatible(spec, what=f"the codes already in {storage.url}")
+    except SpecMismatch as exc:
+        raise SpecMismatch(f"{exc}; write to another destination") from None
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+class ShardWriter:
+    def __init__(
+        self,
+        storage: Storage,
+        spec: CodeSpec,
+        job_id: str,
+        shard_size: int = 1024,
+        flush_seconds: float = 60.0,
+        host: str | None = None,
+    ) -> None:
+        self.storage = storage
+        self.spec = spec
+        self.job_id = job_id
+        self.shard_size = shard_size
+        self.flush_seconds = flush_seconds
+        self.host = host or socket.gethostname()
+        self._results: list[LoadResult] = []
+        self._codes: list[np.ndarray] = []
+        self._n_codes = 0
+        self._opened = time.monotonic()
+        self._next_shard = 0
+        self.counts: dict[str, int] = {}
+
+    def add(self, results: list[LoadResult], codes: np.ndarray) -> None:
+        """``codes`` holds one packed row per ok result, in the order of ``results``."""
+        n_ok = sum(r.ok for r in results)
+        if codes.shape[0] != n_ok:
+            raise ValueError(f"{codes.shape[0]} codes for {n_ok} ok images")
+        if not self._results:
+            self._opened = time.monotonic()
+        self._results.extend(results)
+        if n_ok:
+            self._codes.append(codes)
+            self._n_codes += n_ok
+        if self.shard_size and (
+            self._n_codes >= self.shard_size
+            or time.monotonic() - self._opened >= self.flush_seconds
+        ):
+            self.flush()
+
+    def flush(self, name: str | None = None) -> str | None:
+        """Write what is buffered as one shard; ``name`` defaults to ``<job_id>-<n>``."""
+        if not self._results:
+            return None
+        if name is None:
+            name = f"{self.job_id}-{self._next_shard:05d}"
+            self._next_shard += 1
+        codes = (
+            np.concatenate(self._codes)
+            if self._codes
+            else np.zeros((0, self.spec.bytes_per_code), np.uint8)
+        )
+        shard_key = f"{CODES_PREFIX}/{name}.npy"
+        if codes.shape[0]:
+            self.storage.put(shard_key, npy_bytes(codes))
+        now = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+        rows: list[Row] = []
+        row_index = 0
+        for result in self._results:
+            row = self.row_for(result, now)
+            if result.ok:
+                row["shard"], row["row"] = shard_key, str(row_index)
+                row_index += 1
+            rows.append(row)
+            self.counts[row["status"]] = self.counts.get(row["status"], 0) + 1
+        self.storage.put(f"{PARTS_PREFIX}/{name}.csv", rows_to_csv(rows))
+        self._results, self._codes, self._n_codes = [], [], 0
+        return name
+
+    def row_for(self, result: LoadResult, encoded_at: str) -> Row:
+        return {
+            "id": result.id,
+            "path": result.path,
+            "status": str(result.status),
+            "error": result.error,
+            "sha256": result.sha256,
+            "size": "" if result.size is None else str(result.size),
+            "mtime_ns": "" if result.mtime_ns is None else str(result.mtime_ns),
+            "width": "" if result.width is None else str(result.width),
+            "height": "" if result.height is None else str(result.height),
+            "shard": "",
+            "row": "",
+            "job_id": self.job_id,
+            "worker_host": self.host,
+            "encoded_at": encoded_at,
+        }
