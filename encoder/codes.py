@@ -63,7 +63,7 @@ def load_codes(dest: str | Path) -> tuple[np.ndarray, np.ndarray]:
         by_shard.setdefault(row["shard"], []).append((i, int(row["row"])))
     for key, pairs in by_shard.items():
         shard = _load_shard(storage, key)
-        targets, sources = zip(*pairs)
+        targets, sources = zip(*pairs, strict=False)
         codes[list(targets)] = shard[list(sources)]
     ids = np.array([r["id"] for r in rows], dtype=str)
     return ids, codes

@@ -51,10 +51,7 @@ def encode_stream(
                 results = [f.result() for f in futures]
                 submit_next()
                 ok = [r.pixels for r in results if r.ok]
-                if ok:
-                    codes = encode(np.stack(ok))
-                else:
-                    codes = np.zeros((0, bytes_per_code), np.uint8)
+                codes = encode(np.stack(ok)) if ok else np.zeros((0, bytes_per_code), np.uint8)
                 for r in results:
                     r.pixels = None
                 yield results, codes

@@ -8,6 +8,7 @@ credentials and endpoint come from boto3's standard chain (``AWS_ACCESS_KEY_ID``
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import tempfile
@@ -146,7 +147,5 @@ def open_storage(dest: str | Path) -> LocalStorage | S3Storage:
 
 
 def _remove_quietly(path: str) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.unlink(path)
-    except OSError:
-        pass
