@@ -1,0 +1,291 @@
+"""``imgenc encode`` end to end, as a user runs it: a subprocess, random weights, no services."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from encoder.codes import load_codes, read_spec
+from tests.conftest import REPO
+from tests.imagegen import write_jpegs
+
+
+def imgenc(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("IMGENC_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "encoder", *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
+
+
+@pytest.fixture
+def mixed_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "catalogue"
+    write_jpegs(folder, 4)
+    write_jpegs(folder / "sub dir", 2, start=10)
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("not an image")
+    data = (folder / "img_00000.jpg").read_bytes()
+    (folder / "cut.jpg").write_bytes(data[: len(data) // 2])
+    return folder
+
+
+def test_encode_writes_shards_manifest_and_spec_and_continues_past_bad_files(mixed_dir, tmp_path):
+    out = tmp_path / "codes"
+    run = imgenc(
+        "encode", str(mixed_dir), "--out", str(out), "--weights", "random", "--no-progress"
+    )
+    assert run.returncode == 0, run.stderr
+    assert "no visual meaning" in run.stderr
+    assert "ok             6" in run.stdout
+    for status in ("empty", "not_an_image", "truncated"):
+        assert f"{status:<14} 1" in run.stdout
+
+    manifest = pd.read_csv(out / "manifest.csv")
+    assert {"path", "sha256", "status", "error", "shard", "row"} <= set(manifest.columns)
+    assert len(manifest) == 9 and manifest["id"].is_unique
+    assert (manifest.status == "ok").sum() == 6
+    assert manifest.loc[manifest.status != "ok", "error"].notna().all()
+
+    ids, codes = load_codes(out)
+    assert codes.shape == (6, 3063) and codes.dtype == np.uint8
+    assert list(ids) == sorted(manifest.loc[manifest.status == "ok", "id"])
+    assert "sub dir/img_00010.jpg" in ids
+    spec = read_spec(out)
+    assert (spec.backbone, spec.layout, spec.n_bits, spec.seed, spec.weights) == (
+        "vgg16",
+        "spatial",
+        500,
+        628,
+        "random",
+    )
+
+
+def test_strict_exits_non_zero_when_any_image_failed(mixed_dir, tmp_path):
+    run = imgenc(
+        "encode",
+        str(mixed_dir),
+        "--out",
+        str(tmp_path / "o"),
+        "--weights",
+        "random",
+        "--backbone",
+        "stub",
+        "--strict",
+        "--no-progress",
+    )
+    assert run.returncode == 1
+    assert "ok             6" in run.stdout
+
+
+def test_flags_can_come_from_imgenc_environment_variables(jpeg_dir, tmp_path):
+    out = tmp_path / "o"
+    run = imgenc(
+        "encode",
+        str(jpeg_dir),
+        "--out",
+        str(out),
+        "--no-progress",
+        env={"IMGENC_WEIGHTS": "random", "IMGENC_LAYOUT": "pooled", "IMGENC_BITS": "128"},
+    )
+    assert run.returncode == 0, run.stderr
+    ids, codes = load_codes(out)
+    assert codes.shape == (6, 16)
+
+
+def test_resume_encodes_only_new_or_changed_images(jpeg_dir, tmp_path):
+    out = tmp_path / "o"
+    args = (
+        "encode",
+        str(jpeg_dir),
+        "--out",
+        str(out),
+        "--weights",
+        "random",
+        "--layout",
+        "pooled",
+        "--no-progress",
+    )
+    assert imgenc(*args).returncode == 0
+    _, first_codes = load_codes(out)
+
+    write_jpegs(jpeg_dir, 2, start=100)  # two new images
+    changed = jpeg_dir / "img_00001.jpg"
+    from tests.imagegen import photo_like
+
+    photo_like(999).save(changed)  # a changed one (new size and mtime)
+    run = imgenc(*args, "--resume")
+    assert run.returncode == 0, run.stderr
+    assert "done: 3 images" in run.stdout and "5 already done" in run.stdout
+    manifest = pd.read_csv(out / "manifest.csv")
+    assert len(manifest) == 8 and manifest["id"].is_unique
+    ids, codes = load_codes(out)
+    assert len(ids) == 8
+    unchanged = [i for i, name in enumerate(ids) if name in ("img_00000.jpg", "img_00002.jpg")]
+    assert all(codes[i].tobytes() in {c.tobytes() for c in first_codes} for i in unchanged)
+
+
+def test_destination_with_another_spec_is_refused(jpeg_dir, tmp_path):
+    out = tmp_path / "o"
+    assert (
+        imgenc(
+            "encode",
+            str(jpeg_dir),
+            "--out",
+            str(out),
+            "--weights",
+            "random",
+            "--backbone",
+            "stub",
+            "--no-progress",
+        ).returncode
+        == 0
+    )
+    run = imgenc(
+        "encode",
+        str(jpeg_dir),
+        "--out",
+        str(out),
+        "--weights",
+        "random",
+        "--backbone",
+        "stub",
+        "--bits",
+        "64",
+        "--no-progress",
+    )
+    assert run.returncode == 2
+    assert "different code spec" in run.stderr and "n_bits" in run.stderr
+
+
+def test_ctrl_c_leaves_only_whole_shards_in_the_manifest_and_resume_finishes(tmp_path):
+    images = tmp_path / "many"
+    write_jpegs(images, 60)
+    out = tmp_path / "o"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "encoder",
+            "encode",
+            str(images),
+            "--out",
+            str(out),
+            "--weights",
+            "random",
+            "--batch",
+            "4",
+            "--shard-size",
+            "4",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list((out / "parts").glob("*.csv"))) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    manifest = pd.read_csv(out / "manifest.csv")
+    assert 0 < len(manifest) < 60
+    ids, codes = load_codes(out)  # every row named in the manifest has its code on disk
+    assert len(ids) == len(manifest)
+    assert not list(out.rglob("*.tmp"))
+
+    run = imgenc(
+        "encode",
+        str(images),
+        "--out",
+        str(out),
+        "--weights",
+        "random",
+        "--batch",
+        "8",
+        "--resume",
+        "--no-progress",
+    )
+    assert run.returncode == 0, run.stderr
+    manifest = pd.read_csv(out / "manifest.csv")
+    assert len(manifest) == 60 and manifest["id"].is_unique and (manifest.status == "ok").all()
+
+
+def test_show_draws_the_image_beside_its_bit_matrix(jpeg_dir, tmp_path):
+    out = tmp_path / "o"
+    assert (
+        imgenc(
+            "encode",
+            str(jpeg_dir),
+            "--out",
+            str(out),
+            "--weights",
+            "random",
+            "--backbone",
+            "stub",
+            "--no-progress",
+        ).returncode
+        == 0
+    )
+    png = tmp_path / "shown.png"
+    run = imgenc("show", str(out), "img_00002.jpg", "--png", str(png))
+    assert run.returncode == 0, run.stderr
+    from PIL import Image
+
+    picture = Image.open(png)
+    assert picture.width > 1000 and picture.height >= 392
+    missing = imgenc("show", str(out), "nope.jpg", "--png", str(png))
+    assert missing.returncode == 2 and "matches 0 images" in missing.stderr
+
+
+def test_a_missing_image_folder_is_a_clear_error(tmp_path):
+    run = imgenc(
+        "encode",
+        str(tmp_path / "nowhere"),
+        "--out",
+        str(tmp_path / "o"),
+        "--weights",
+        "random",
+        "--backbone",
+        "stub",
+    )
+    assert run.returncode == 2 and "is not a directory" in run.stderr
+
+
+def test_imagenet_download_failure_exits_with_one_paragraph_not_a_traceback(jpeg_dir, tmp_path):
+    # The real download code runs; a dead proxy and an empty KERAS_HOME make it fail anywhere.
+    dead = "http://127.0.0.1:9"
+    run = imgenc(
+        "encode",
+        str(jpeg_dir),
+        "--out",
+        str(tmp_path / "o"),
+        "--no-progress",
+        env={
+            "KERAS_HOME": str(tmp_path / "keras"),
+            "HTTPS_PROXY": dead,
+            "https_proxy": dead,
+            "HTTP_PROXY": dead,
+            "http_proxy": dead,
+        },
+    )
+    assert run.returncode == 2
+    error = [line for line in run.stderr.splitlines() if line.startswith("imgenc: error:")]
+    assert len(error) == 1 and "--weights PATH" in error[0] and "--weights random" in error[0]
+    assert "Traceback" not in run.stderr
