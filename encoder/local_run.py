@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from encoder.images import ImageLoader
-from encoder.manifest import merge_manifest, read_manifest, status_counts
+from encoder.manifest import done_keys, merge_manifest, status_counts
 from encoder.pipeline import encode_stream
 from encoder.scan import scan_images
 from encoder.settings import Settings
@@ -58,17 +58,6 @@ def new_run_id() -> str:
     )
 
 
-def done_keys(dest: str) -> set[tuple[str, int | None, int | None]]:
-    """(id, size, mtime_ns) of every image the destination already holds as ok."""
-    keys = set()
-    for row in read_manifest(open_storage(dest)):
-        if row["status"] == "ok":
-            size = int(row["size"]) if row["size"] else None
-            mtime = int(row["mtime_ns"]) if row["mtime_ns"] else None
-            keys.add((row["id"], size, mtime))
-    return keys
-
-
 def encode_folder(
     image_dir: str | Path,
     dest: str,
@@ -88,7 +77,7 @@ def encode_folder(
     storage = open_storage(dest)
     spec = spec_for(settings)
     ensure_spec(storage, spec)
-    skip = done_keys(dest) if resume else set()
+    skip = done_keys(storage) if resume else set()
     todo = sum(1 for e in scan_images(image_dir) if e.resume_key not in skip)
     enc = encoder if encoder is not None else Encoder(settings)
     loader = ImageLoader(image_dir, enc.input_size)

@@ -100,3 +100,18 @@ def status_counts(rows: Iterable[Row]) -> dict[str, int]:
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
     return dict(sorted(counts.items()))
+
+
+def done_keys(storage: Storage) -> set[tuple[str, int | None, int | None]]:
+    """``(id, size, mtime_ns)`` of every image the destination already holds as ok.
+
+    This is the resume rule of both ``imgenc encode --resume`` and ``imgenc enqueue
+    --resume``: same relative path, same size, same mtime.
+    """
+    keys = set()
+    for row in read_manifest(storage):
+        if row["status"] == "ok":
+            size = int(row["size"]) if row["size"] else None
+            mtime = int(row["mtime_ns"]) if row["mtime_ns"] else None
+            keys.add((row["id"], size, mtime))
+    return keys

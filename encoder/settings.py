@@ -39,15 +39,22 @@ class Settings:
     image_root: str | None = None  # where workers resolve the relative paths they receive
     chunk: int = 64  # images per Celery task message
     queue: str = "imgenc"
-    max_deliveries: int = 3  # deliveries of a chunk that kills its worker before giving up
+    max_strikes: int = 2  # times an image may be in hand when its worker dies, then `failed`
+    visibility_timeout: int = 3600  # s: Redis redelivers a message unacked for this long
+    task_time_limit: int = 1800  # s: a chunk running longer is killed (and redelivered)
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, not {self.layout!r}")
+        if self.task_time_limit >= self.visibility_timeout:
+            raise ValueError(
+                f"task_time_limit ({self.task_time_limit} s) must be below visibility_timeout "
+                f"({self.visibility_timeout} s), or running chunks would be delivered twice"
+            )
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
-        for name in ("bits", "batch", "decode_threads", "shard_size", "chunk", "max_deliveries"):
+        for name in ("bits", "batch", "decode_threads", "chunk", "max_strikes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
 

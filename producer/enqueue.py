@@ -1,0 +1,173 @@
+"""``enqueue()`` and ``Job``: register a job in Redis, send its chunks, follow its progress."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from kombu.utils.url import maybe_sanitize_url
+
+from encoder.manifest import done_keys
+from encoder.scan import scan_images
+from encoder.settings import Settings
+from encoder.spec import spec_for
+from encoder.storage import open_storage
+from encoder.writer import ensure_spec
+from worker.registry import JobRegistry, JobStatus
+
+log = logging.getLogger("imgenc")
+
+
+class Job:
+    """A job in the registry: ``status()`` now, or ``wait()`` until it is done."""
+
+    def __init__(self, job_id: str, broker_url: str, dest: str = "") -> None:
+        self.id = job_id
+        self.broker_url = broker_url
+        self.registry = JobRegistry.from_url(broker_url)
+        self.dest = dest or self.registry.job(job_id)["dest"]
+
+    def __repr__(self) -> str:
+        return (
+            f"Job({self.id!r}, dest={self.dest!r}, broker={maybe_sanitize_url(self.broker_url)!r})"
+        )
+
+    def status(self) -> JobStatus:
+        return self.registry.status(self.id)
+
+    def finished(self) -> bool:
+        """Done and its manifest merged."""
+        return self.status().finished_at is not None
+
+    def wait(
+        self, progress: bool = False, poll: float = 0.5, timeout: float | None = None
+    ) -> JobStatus:
+        """Block until every chunk is in and the manifest is merged; returns the final status."""
+        from tqdm import tqdm
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        status = self.status()
+        bar = tqdm(
+            total=status.total,
+            unit="img",
+            disable=not progress,
+            file=sys.stderr,
+            desc=f"job {self.id}",
+            smoothing=0.1,
+        )
+        try:
+            while True:
+                status = self.status()
+                bar.total = status.total
+                bar.n = status.processed
+                bar.set_postfix(failed=status.failed, refresh=False)
+                bar.refresh()
+                if status.done and status.finished_at is not None:
+                    return status
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"job {self.id} not done after {timeout} s: "
+                        f"{status.processed}/{status.total}"
+                    )
+                time.sleep(poll)
+        finally:
+            bar.close()
+
+
+def _relative_ids(image_dir: Path, image_root: Path) -> Iterator[tuple[str, Any]]:
+    prefix = os.path.relpath(image_dir, image_root)
+    if prefix == ".":
+        prefix = ""
+    elif prefix.startswith(".."):
+        raise ValueError(f"{image_dir} is not inside the image root {image_root}")
+    for entry in scan_images(image_dir):
+        rel = f"{prefix}/{entry.id}" if prefix else entry.id
+        yield rel, (rel, entry.size, entry.mtime_ns)
+
+
+def enqueue(
+    image_dir: str | Path,
+    out: str,
+    settings: Settings | None = None,
+    broker: str | None = None,
+    chunk: int | None = None,
+    queue: str | None = None,
+    resume: bool = False,
+    image_root: str | Path | None = None,
+    **model: Any,
+) -> Job:
+    """Register a job and enqueue every image under ``image_dir``; returns the ``Job``.
+
+    ``model`` takes the model settings (``backbone``, ``layout``, ``bits``, ``seed``,
+    ``weights``, ``precision``, ``center``); unset ones come from ``IMGENC_*`` variables,
+    exactly as the workers read them.  The job records the code spec it expects, and
+    workers with another spec refuse its chunks.
+    """
+    from worker.tasks import encode_chunk, finalize_job
+
+    overrides = {"broker_url": broker, "chunk": chunk, "queue": queue, **model}
+    settings = (settings or Settings.from_env()).replace(
+        **{k: v for k, v in overrides.items() if v is not None}
+    )
+    image_dir = Path(image_dir).resolve()
+    root = Path(image_root).resolve() if image_root else image_dir
+    if not image_dir.is_dir():
+        raise NotADirectoryError(f"{image_dir} is not a directory")
+    spec = spec_for(settings)
+    storage = open_storage(out)
+    ensure_spec(storage, spec)
+    skip = done_keys(storage) if resume else set()
+
+    job_id = uuid.uuid4().hex[:12]
+    registry = JobRegistry.from_url(settings.broker_url)
+    registry.create(job_id, str(out), spec.to_json(), spec.fingerprint, str(root), settings.queue)
+    app = encode_chunk.app
+    skipped = 0
+    with app.connection_for_write(settings.broker_url) as connection:
+
+        def send(number: int, paths: list[str]) -> None:
+            encode_chunk.apply_async(
+                kwargs={
+                    "job_id": job_id,
+                    "chunk": number,
+                    "dest": str(out),
+                    "fingerprint": spec.fingerprint,
+                    "paths": paths,
+                },
+                queue=settings.queue,
+                connection=connection,
+            )
+            registry.add_enqueued(job_id, len(paths))
+
+        number, paths = 0, []
+        for rel, key in _relative_ids(image_dir, root):
+            if key in skip:
+                skipped += 1
+                continue
+            paths.append(rel)
+            if len(paths) == settings.chunk:
+                send(number, paths)
+                number, paths = number + 1, []
+        if paths:
+            send(number, paths)
+            number += 1
+        registry.finish_scanning(job_id)
+        finalize_job.apply_async(
+            kwargs={"job_id": job_id, "dest": str(out)}, queue=settings.queue, connection=connection
+        )
+    log.info(
+        "job %s: %d images in %d chunks enqueued on %s (queue %s)%s",
+        job_id,
+        registry.status(job_id).total,
+        number,
+        maybe_sanitize_url(settings.broker_url),
+        settings.queue,
+        f", {skipped} already done" if resume else "",
+    )
+    return Job(job_id, settings.broker_url, str(out))

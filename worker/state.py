@@ -1,0 +1,78 @@
+"""What a worker process holds: the model (loaded once, at process start), the loader
+settings, the registry connection and the storage clients.
+
+TensorFlow is not fork-safe, so under the prefork pool the model is built in each child
+(``worker_process_init``), never in the parent; under ``--pool solo`` or ``threads`` it is
+built when the worker starts (``worker_init``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import concurrency
+from celery.signals import worker_init, worker_process_init
+
+from encoder.settings import Settings
+from encoder.storage import Storage, open_storage
+from worker.registry import JobRegistry
+
+log = logging.getLogger("imgenc.worker")
+
+
+@dataclass
+class WorkerState:
+    settings: Settings
+    encoder: Any
+    registry: JobRegistry
+    storages: dict[str, Storage] = field(default_factory=dict)
+
+    def storage(self, dest: str) -> Storage:
+        if dest not in self.storages:
+            self.storages[dest] = open_storage(dest)
+        return self.storages[dest]
+
+
+_state: WorkerState | None = None
+_lock = threading.Lock()
+
+
+def get_state() -> WorkerState:
+    global _state
+    with _lock:
+        if _state is None:
+            from encoder.model import Encoder
+
+            settings = Settings.from_env()
+            start = time.monotonic()
+            encoder = Encoder(settings)
+            log.info(
+                "model ready in %.1f s: %s %s, %d bits, weights %s, precision %s, spec %s (pid %d)",
+                time.monotonic() - start,
+                settings.backbone,
+                settings.layout,
+                settings.bits,
+                encoder.spec.weights,
+                settings.precision,
+                encoder.spec.fingerprint,
+                os.getpid(),
+            )
+            _state = WorkerState(settings, encoder, JobRegistry.from_url(settings.broker_url))
+        return _state
+
+
+@worker_process_init.connect
+def _load_in_child(**_: Any) -> None:
+    get_state()
+
+
+@worker_init.connect
+def _load_in_main_unless_prefork(sender: Any = None, **_: Any) -> None:
+    pool = concurrency.get_implementation(getattr(sender, "pool_cls", "prefork"))
+    if not pool.__module__.endswith("prefork"):
+        get_state()
