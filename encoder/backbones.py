@@ -72,7 +72,7 @@ BACKBONES: dict[str, Backbone] = {
         Backbone("vgg19", 224, (7, 7, 512), "VGG19", "vgg19", 39.0),
         Backbone("inception_v3", 299, (8, 8, 2048), "InceptionV3", "inception_v3", 11.5),
         Backbone("xception", 299, (10, 10, 2048), "Xception", "xception", 16.8),
-        Backbone("stub", 224, (7, 7, 512), "", "", 0.0),
+        Backbone("stub", 28, (7, 7, 16), "", "", 0.0),
     )
 }
 

@@ -33,13 +33,24 @@ def encode_stream(
     """Yield ``(results, codes)`` per batch: every image's ``LoadResult`` (pixels dropped)
     and one packed code row per ok result, in order."""
     id_iter = iter(ids)
-    pending: deque[list[Future[LoadResult]]] = deque()
+    pending: deque[list[Future[list[LoadResult]]]] = deque()
+
+    def load_slice(slice_ids: list[str]) -> list[LoadResult]:
+        return [loader.load(image_id) for image_id in slice_ids]
+
     with ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode") as pool:
 
         def submit_next() -> bool:
+            # One future per thread's share of the batch: futures cost more than tiny images.
             batch = list(itertools.islice(id_iter, batch_size))
             if batch:
-                pending.append([pool.submit(loader.load, image_id) for image_id in batch])
+                step = -(-len(batch) // decode_threads)
+                pending.append(
+                    [
+                        pool.submit(load_slice, batch[i : i + step])
+                        for i in range(0, len(batch), step)
+                    ]
+                )
             return bool(batch)
 
         for _ in range(prefetch + 1):
@@ -48,7 +59,7 @@ def encode_stream(
         try:
             while pending:
                 futures = pending.popleft()
-                results = [f.result() for f in futures]
+                results = [r for f in futures for r in f.result()]
                 submit_next()
                 ok = [r.pixels for r in results if r.ok]
                 codes = encode(np.stack(ok)) if ok else np.zeros((0, bytes_per_code), np.uint8)

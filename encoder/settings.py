@@ -37,7 +37,7 @@ class Settings:
     flush_seconds: float = 60.0  # ...or fewer, when a shard has been open this long
     broker_url: str = DEFAULT_BROKER_URL
     image_root: str | None = None  # where workers resolve the relative paths they receive
-    chunk: int = 64  # images per Celery task message
+    chunk: int = 256  # images per Celery task message (measured: 64 -> 1,003, 256 -> 1,429 img/s)
     queue: str = "imgenc"
     max_strikes: int = 2  # times an image may be in hand when its worker dies, then `failed`
     visibility_timeout: int = 3600  # s: Redis redelivers a message unacked for this long

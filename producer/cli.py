@@ -92,7 +92,7 @@ def add_producer_commands(
     enqueue.add_argument("image_dir")
     enqueue.add_argument("--out", required=True, help="destination directory or s3://bucket/prefix")
     enqueue.add_argument("--broker", help=f"Redis URL [IMGENC_BROKER_URL or {DEFAULT_BROKER_URL}]")
-    enqueue.add_argument("--chunk", type=int, help="images per task message [64]")
+    enqueue.add_argument("--chunk", type=int, help="images per task message [256]")
     enqueue.add_argument("--queue", help="Celery queue [imgenc]")
     enqueue.add_argument("--image-root", help="root the paths are sent relative to [IMAGE_DIR]")
     enqueue.add_argument(

@@ -315,3 +315,116 @@ def test_cli_enqueue_wait_status_and_jobs_never_print_the_password(redis_server,
     assert redis_server.password not in everything
     manifest = (out / "manifest.csv").read_text()
     assert redis_server.password not in manifest
+
+
+def test_flower_shows_the_tasks_with_readable_names_and_arguments_behind_basic_auth(
+    redis_server, worker, tmp_path
+):
+    import base64
+    import urllib.error
+    import urllib.request
+
+    import producer
+    from tests.services import BIN, free_port
+
+    port = free_port()
+    env = worker_env(redis_server.url)
+    with open(tmp_path / "flower.log", "ab") as log:
+        flower = subprocess.Popen(
+            [
+                str(BIN / "celery"),
+                "-A",
+                "worker",
+                "flower",
+                f"--port={port}",
+                "--address=127.0.0.1",
+                "--basic-auth=admin:flower-pw",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    auth = {"Authorization": "Basic " + base64.b64encode(b"admin:flower-pw").decode()}
+
+    def get(path, headers=None):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read() or b"null")
+
+    def flower_up():
+        try:
+            get("/api/workers", auth)
+            return True
+        except (urllib.error.URLError, ConnectionError):
+            return False
+
+    try:
+        wait_for(flower_up, 60, "flower", interval=0.5)
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            get("/api/workers")
+        assert denied.value.code == 401
+        time.sleep(1)  # let flower's event consumer attach
+        job = producer.enqueue(
+            images(tmp_path, 4, bad=False),
+            str(tmp_path / "out"),
+            broker=redis_server.url,
+            chunk=2,
+            **STUB,
+        )
+        job.wait(timeout=60)
+
+        def seen():
+            tasks = get("/api/tasks", auth)
+            return [t for t in tasks.values() if job.id in (t.get("kwargs") or "")]
+
+        tasks = wait_for(seen, 30, "flower to list the job's tasks", interval=0.5)
+        assert {t["name"] for t in tasks} >= {"imgenc.encode_chunk"}
+        assert any("'chunk': 1" in t["kwargs"] and "img_0000" in t["kwargs"] for t in tasks)
+        assert redis_server.password not in (tmp_path / "flower.log").read_text()
+    finally:
+        os.killpg(flower.pid, 15)
+        flower.wait(20)
+
+
+def test_killed_worker_process_gets_its_chunk_redelivered_and_nothing_is_lost(
+    redis_server, tmp_path
+):
+    import signal
+
+    import producer
+
+    env = worker_env(
+        redis_server.url,
+        IMGENC_BACKBONE="vgg16",
+        IMGENC_LAYOUT="pooled",
+        IMGENC_QUEUE="vgg",
+        IMGENC_BATCH="4",
+    )
+    w = CeleryWorker(env, tmp_path / "vgg.log", name="vgg", extra_args=("-Q", "vgg")).start()
+    try:
+        folder = images(tmp_path, 24, bad=False)
+        job = producer.enqueue(
+            folder,
+            str(tmp_path / "out"),
+            broker=redis_server.url,
+            chunk=8,
+            queue="vgg",
+            backbone="vgg16",
+            layout="pooled",
+            weights="random",
+        )
+        wait_for(lambda: "Task imgenc.encode_chunk" in w.text(), 60, "a chunk to start")
+        children = w.child_pids()
+        assert len(children) == 1
+        os.kill(children[0], signal.SIGKILL)
+        final = job.wait(timeout=300)
+        assert final.counts == {"ok": 24}
+        manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
+        assert len(manifest) == 24 and manifest["id"].is_unique
+        log = w.text()
+        assert "WorkerLostError" in log or "exited with 'signal 9" in log
+        assert "lost deliveries; encoding one image at a time" in log
+    finally:
+        w.stop()

@@ -1,0 +1,106 @@
+"""docker-compose.yml and the Dockerfile agree with the code (no Docker engine runs here,
+so they are parsed and checked, not started)."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from encoder.settings import Settings
+from tests.conftest import REPO
+
+COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+
+
+def _command(service: str) -> list[str]:
+    command = SERVICES[service]["command"]
+    return shlex.split(command) if isinstance(command, str) else list(command)
+
+
+def test_compose_has_the_services_users_need():
+    assert {"redis", "minio", "minio-init", "worker", "flower", "producer"} <= set(SERVICES)
+
+
+def test_redis_requires_a_password_and_keeps_the_queue_across_restarts():
+    command = " ".join(_command("redis"))
+    assert "--requirepass ${REDIS_PASSWORD" in command
+    assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command
+
+
+def test_worker_command_names_an_app_that_exists_and_is_the_celery_app():
+    command = _command("worker")
+    assert command[:4] == ["celery", "-A", "worker", "worker"]
+    import celery
+
+    import worker
+
+    assert isinstance(worker.app, celery.Celery)
+    worker.app.loader.import_default_modules()  # what `celery worker` does at start-up
+    assert {"imgenc.encode_chunk", "imgenc.finalize_job"} <= set(worker.app.tasks)
+
+
+def test_worker_reserves_a_gpu_and_scales_without_fixed_names_or_ports():
+    worker_service = SERVICES["worker"]
+    devices = worker_service["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"] and devices[0]["count"] == 1
+    assert "container_name" not in worker_service and "ports" not in worker_service
+
+
+def test_flower_is_behind_basic_auth_from_the_environment():
+    command = " ".join(_command("flower"))
+    assert command.startswith("celery -A worker flower")
+    assert "--basic-auth=${FLOWER_USER" in command and "${FLOWER_PASSWORD" in command
+
+
+def test_every_imgenc_variable_in_compose_is_a_setting_the_code_reads():
+    env = SERVICES["worker"]["environment"]
+    fields = {f"IMGENC_{name.upper()}" for name in Settings.__dataclass_fields__}
+    imgenc_vars = {k for k in env if k.startswith("IMGENC_")}
+    assert imgenc_vars and imgenc_vars <= fields, imgenc_vars - fields
+    assert env["IMGENC_BROKER_URL"].startswith("redis://:${REDIS_PASSWORD")
+    assert {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(env)
+
+
+def test_producer_is_a_one_off_whose_command_is_a_real_imgenc_subcommand():
+    producer = SERVICES["producer"]
+    assert producer.get("profiles") == ["tools"]
+    from encoder.cli import build_parser
+
+    command = _command("producer")
+    assert command[0] == "imgenc"
+    build_parser().parse_args(command[1:])
+    build_parser().parse_args(["enqueue", "/images", "--out", "s3://codes/x", "--wait"])
+
+
+@pytest.mark.parametrize("service", ["worker", "flower", "producer"])
+def test_services_built_from_the_repo_use_its_dockerfile(service):
+    assert SERVICES[service]["build"] == "."
+
+
+def test_dockerfile_copies_paths_that_exist_and_runs_the_standard_worker_command():
+    lines = (REPO / "Dockerfile").read_text().splitlines()
+    for line in lines:
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert (REPO / source).exists(), source
+    cmd = next(line for line in lines if line.startswith("CMD "))
+    assert '"celery", "-A", "worker", "worker"' in cmd
+
+
+def test_env_example_sets_every_required_variable():
+    example = (REPO / ".env.example").read_text()
+    text = (REPO / "docker-compose.yml").read_text()
+    import re
+
+    required = set(re.findall(r"\$\{(\w+):\?", text))
+    defined = {
+        line.split("=")[0]
+        for line in example.splitlines()
+        if "=" in line and not line.startswith("#")
+    }
+    assert required <= defined, required - defined
+    assert Path(REPO / ".env.example").exists()
