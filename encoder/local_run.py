@@ -76,7 +76,7 @@ def encode_folder(
         raise NotADirectoryError(f"{image_dir} is not a directory")
     storage = open_storage(dest)
     spec = spec_for(settings)
-    ensure_spec(storage, spec)
+    ensure_spec(storage, spec, settings.center)
     skip = done_keys(storage) if resume else set()
     todo = sum(1 for e in scan_images(image_dir) if e.resume_key not in skip)
     enc = encoder if encoder is not None else Encoder(settings)

@@ -3,6 +3,7 @@
 Layout of a destination (local directory or S3 prefix)::
 
     spec.json                 the code spec (encoder.spec.CodeSpec)
+    center.npy                the centre (only for --center codes; its SHA-256 is in the spec)
     codes/<shard>.npy         uint8 (n, bytes_per_code) bit-packed codes, one row per ok image
     parts/<shard>.csv         manifest rows for that shard, written after the shard
     manifest.csv              all parts merged: one row per image id
@@ -39,6 +40,7 @@ COLUMNS = (
     "encoded_at",
 )
 SPEC_KEY = "spec.json"
+CENTER_KEY = "center.npy"  # the mean feature subtracted before hashing, when --center is used
 MANIFEST_KEY = "manifest.csv"
 PARTS_PREFIX = "parts"
 CODES_PREFIX = "codes"

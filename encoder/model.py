@@ -107,6 +107,7 @@ class Encoder:
         center = load_center(settings.center) if settings.center else None
         self.model = model if model is not None else build_model(settings, center)
         size = self.backbone.input_size
+        self._features: Any = None
         self._forward = tf.function(
             self._call,
             input_signature=[tf.TensorSpec((None, size, size, 3), tf.uint8)],
@@ -121,6 +122,23 @@ class Encoder:
     @property
     def input_size(self) -> int:
         return self.backbone.input_size
+
+    def features(self, pixels: np.ndarray) -> np.ndarray:
+        """The float features the hashing layer sees (centre not subtracted):
+        ``(n, positions, channels)`` for spatial, ``(n, channels)`` for pooled."""
+        if self._features is None:
+            import keras
+            import tensorflow as tf
+
+            hashing = self.model.get_layer("hyperplane_hashing")
+            extractor = keras.Model(self.model.input, hashing.input)
+            size = self.input_size
+            self._features = tf.function(
+                lambda x: tf.cast(extractor(tf.cast(x, tf.float32), training=False), tf.float32),
+                input_signature=[tf.TensorSpec((None, size, size, 3), tf.uint8)],
+            )
+        out = self._features(pixels).numpy()
+        return out.reshape(out.shape[0], -1, out.shape[-1]) if out.ndim == 4 else out
 
     def bits(self, pixels: np.ndarray) -> np.ndarray:
         """``(n, size, size, 3)`` uint8 to unpacked ``(n, *code_shape)`` 0/1 uint8."""

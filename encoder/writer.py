@@ -16,16 +16,20 @@ from datetime import datetime, timezone
 import numpy as np
 
 from encoder.images import LoadResult
-from encoder.manifest import CODES_PREFIX, PARTS_PREFIX, SPEC_KEY, Row, rows_to_csv
+from encoder.manifest import CENTER_KEY, CODES_PREFIX, PARTS_PREFIX, SPEC_KEY, Row, rows_to_csv
 from encoder.spec import CodeSpec, SpecMismatch
 from encoder.storage import Storage
 
 
-def ensure_spec(storage: Storage, spec: CodeSpec) -> None:
-    """Write ``spec.json``, or check that the one already there matches."""
+def ensure_spec(storage: Storage, spec: CodeSpec, center: str | None = None) -> None:
+    """Write ``spec.json`` (and the centre file beside it, when codes are centred), or check
+    that the spec already there matches."""
     try:
         existing = CodeSpec.from_json(storage.get(SPEC_KEY))
     except KeyError:
+        if center:
+            with open(center, "rb") as f:
+                storage.put(CENTER_KEY, f.read())
         storage.put(SPEC_KEY, spec.to_json().encode())
         return
     try:

@@ -121,7 +121,7 @@ def enqueue(
         raise NotADirectoryError(f"{image_dir} is not a directory")
     spec = spec_for(settings)
     storage = open_storage(out)
-    ensure_spec(storage, spec)
+    ensure_spec(storage, spec, settings.center)
     skip = done_keys(storage) if resume else set()
 
     job_id = uuid.uuid4().hex[:12]

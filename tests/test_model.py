@@ -175,12 +175,13 @@ def test_bf16_codes_mostly_agree_with_fp32_for_the_same_weights(batch, tmp_path)
 
 
 @pytest.mark.parametrize(
-    "backbone,grid", [("vgg19", 49), ("inception_v3", 64), ("xception", 100), ("stub", 49)]
+    "backbone,grid,size",
+    [("vgg19", 49, 224), ("inception_v3", 64, 299), ("xception", 100, 299), ("stub", 49, 28)],
 )
-def test_every_registered_backbone_builds_with_its_own_input_size(backbone, grid, tmp_path):
+def test_every_registered_backbone_builds_with_its_own_input_size(backbone, grid, size, tmp_path):
     enc = get_encoder(backbone=backbone, bits=64)
     names = write_jpegs(tmp_path, 1)
     pixels = _pixels(tmp_path, names, enc.input_size)
     assert enc.bits(pixels).shape == (1, grid, 64)
     spec = json.loads(enc.spec.to_json())
-    assert spec["input_size"] == (299 if backbone in ("inception_v3", "xception") else 224)
+    assert spec["input_size"] == size == enc.input_size
