@@ -63,6 +63,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from encoder.local_run import encode_folder
     from encoder.model import WeightsUnavailable
     from encoder.spec import SpecMismatch
+    from encoder.storage import StorageError
 
     settings = settings_from_args(args)
     try:
@@ -71,6 +72,13 @@ def cmd_encode(args: argparse.Namespace) -> int:
         )
     except (WeightsUnavailable, SpecMismatch, NotADirectoryError, FileNotFoundError) as exc:
         print(f"imgenc: error: {exc}", file=sys.stderr)
+        return 2
+    except StorageError as exc:
+        print(
+            f"imgenc: error: {exc}. Every shard written so far is complete and listed in "
+            f"{args.out}/parts; free space and rerun with --resume.",
+            file=sys.stderr,
+        )
         return 2
     for line in summary.lines():
         print(line)

@@ -20,7 +20,7 @@ from encoder.pipeline import encode_stream
 from encoder.scan import scan_images
 from encoder.settings import Settings
 from encoder.spec import spec_for
-from encoder.storage import open_storage
+from encoder.storage import StorageError, open_storage
 from encoder.writer import ShardWriter, ensure_spec
 
 log = logging.getLogger("imgenc")
@@ -122,7 +122,17 @@ def encode_folder(
     finally:
         bar.close()
         summary.seconds = time.monotonic() - start
-        rows = merge_manifest(storage)
-    summary.counts = dict(writer.counts)
-    log.info("manifest: %d rows, %s", len(rows), status_counts(rows))
+        summary.counts = dict(writer.counts)
+        try:
+            rows = merge_manifest(storage)
+            log.info("manifest: %d rows, %s", len(rows), status_counts(rows))
+        except StorageError as exc:
+            # The parts already written are consistent (each names a shard that exists);
+            # load_codes reads them, and --resume goes on from them.
+            log.error(
+                "manifest.csv not merged (%s); the parts under %s/parts are complete "
+                "and consistent",
+                exc,
+                dest,
+            )
     return summary

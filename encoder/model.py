@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -108,6 +109,13 @@ class Encoder:
         self.model = model if model is not None else build_model(settings, center)
         size = self.backbone.input_size
         self._features: Any = None
+        # The stub stands in for a model's time too when IMGENC_STUB_DELAY (s per image) is
+        # set, so that fault tests can catch chunks in flight.
+        self._stub_delay = (
+            float(os.environ.get("IMGENC_STUB_DELAY", "0") or 0)
+            if settings.backbone == "stub"
+            else 0.0
+        )
         self._forward = tf.function(
             self._call,
             input_signature=[tf.TensorSpec((None, size, size, 3), tf.uint8)],
@@ -148,4 +156,6 @@ class Encoder:
         """``(n, size, size, 3)`` uint8 to ``(n, bytes_per_code)`` packed codes."""
         if pixels.shape[0] == 0:
             return np.zeros((0, self.spec.bytes_per_code), np.uint8)
+        if self._stub_delay:
+            time.sleep(self._stub_delay * pixels.shape[0])
         return pack_bits(self.bits(pixels))

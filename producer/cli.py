@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from datetime import datetime
 
@@ -23,10 +25,14 @@ def _exit_code(status, strict: bool) -> int:
 def cmd_enqueue(args: argparse.Namespace) -> int:
     from encoder.cli import settings_from_args
     from encoder.spec import SpecMismatch
-    from producer.enqueue import enqueue
+    from producer.enqueue import EnqueueInterrupted, enqueue
 
     args.broker_url = _broker(args)
     settings = settings_from_args(args)
+    stop = threading.Event()  # Ctrl-C / SIGTERM: stop at the next chunk boundary
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         job = enqueue(
             args.image_dir,
@@ -34,10 +40,24 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             settings=settings,
             resume=args.resume,
             image_root=args.image_root,
+            stop=stop,
         )
     except (SpecMismatch, NotADirectoryError, FileNotFoundError, ValueError) as exc:
         print(f"imgenc: error: {exc}", file=sys.stderr)
         return 2
+    except EnqueueInterrupted as interrupted:
+        print(interrupted.job_id, flush=True)
+        print(
+            f"interrupted: job {interrupted.job_id} holds the {interrupted.enqueued} images "
+            "enqueued so "
+            "far and will complete with them; run the same command with --resume to "
+            "enqueue the rest",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print(job.id, flush=True)
     if not args.wait:
         return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,14 @@ from encoder.writer import ensure_spec
 from worker.registry import JobRegistry, JobStatus
 
 log = logging.getLogger("imgenc")
+
+
+class EnqueueInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM while enqueueing: the job holds what was sent before it."""
+
+    def __init__(self, job_id: str, enqueued: int) -> None:
+        super().__init__(job_id, enqueued)
+        self.job_id, self.enqueued = job_id, enqueued
 
 
 class Job:
@@ -100,6 +109,7 @@ def enqueue(
     queue: str | None = None,
     resume: bool = False,
     image_root: str | Path | None = None,
+    stop: threading.Event | None = None,
     **model: Any,
 ) -> Job:
     """Register a job and enqueue every image under ``image_dir``; returns the ``Job``.
@@ -108,6 +118,9 @@ def enqueue(
     ``weights``, ``precision``, ``center``); unset ones come from ``IMGENC_*`` variables,
     exactly as the workers read them.  The job records the code spec it expects, and
     workers with another spec refuse its chunks.
+
+    ``stop``, when set (the CLI sets it on Ctrl-C and SIGTERM), ends the enqueueing at the
+    next chunk boundary: the job keeps what was sent and ``EnqueueInterrupted`` is raised.
     """
     from worker.tasks import encode_chunk, finalize_job
 
@@ -145,22 +158,36 @@ def enqueue(
             )
             registry.add_enqueued(job_id, len(paths))
 
+        def finish() -> None:
+            registry.finish_scanning(job_id)
+            finalize_job.apply_async(
+                kwargs={"job_id": job_id, "dest": str(out)},
+                queue=settings.queue,
+                connection=connection,
+            )
+
         number, paths = 0, []
-        for rel, key in _relative_ids(image_dir, root):
-            if key in skip:
-                skipped += 1
-                continue
-            paths.append(rel)
-            if len(paths) == settings.chunk:
+        try:
+            for rel, key in _relative_ids(image_dir, root):
+                if key in skip:
+                    skipped += 1
+                    continue
+                paths.append(rel)
+                if len(paths) == settings.chunk:
+                    if stop is not None and stop.is_set():
+                        raise KeyboardInterrupt
+                    send(number, paths)
+                    number, paths = number + 1, []
+            if paths and not (stop is not None and stop.is_set()):
                 send(number, paths)
-                number, paths = number + 1, []
-        if paths:
-            send(number, paths)
-            number += 1
-        registry.finish_scanning(job_id)
-        finalize_job.apply_async(
-            kwargs={"job_id": job_id, "dest": str(out)}, queue=settings.queue, connection=connection
-        )
+                number += 1
+            if stop is not None and stop.is_set():
+                raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            # Stop cleanly: what was sent stays a complete job; --resume sends the rest.
+            finish()
+            raise EnqueueInterrupted(job_id, registry.status(job_id).total) from None
+        finish()
     log.info(
         "job %s: %d images in %d chunks enqueued on %s (queue %s)%s",
         job_id,

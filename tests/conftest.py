@@ -42,3 +42,23 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith("IMGENC_"):
             monkeypatch.delenv(key)
+
+
+# --- reliability figures -------------------------------------------------------------------
+RELIABILITY: list[dict] = []
+
+
+@pytest.fixture
+def reliability():
+    """Fault and load tests record their figures here; they are printed at the end."""
+    return RELIABILITY
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not RELIABILITY:
+        return
+    import json
+
+    terminalreporter.section("reliability figures")
+    for figures in RELIABILITY:
+        terminalreporter.write_line(json.dumps(figures, sort_keys=False))

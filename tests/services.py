@@ -103,13 +103,36 @@ class CeleryWorker:
     """``celery -A worker worker`` as a user runs it, in its own process group."""
 
     def __init__(
-        self, env: dict[str, str], log: Path, name: str = "w1", extra_args: tuple[str, ...] = ()
+        self,
+        env: dict[str, str],
+        log: Path,
+        name: str = "w1",
+        extra_args: tuple[str, ...] = (),
+        user: int | None = None,
     ):
         self.env = env
         self.log = log
         self.name = name
         self.extra_args = extra_args
+        self.user = user  # run as this uid (and gid) when the tests run as root
         self.proc: subprocess.Popen | None = None
+
+    def _status_kb(self, field: str) -> float:
+        values = []
+        for pid in self.child_pids():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith(field + ":"):
+                        values.append(float(line.split()[1]))
+            except OSError:
+                pass
+        return max(values) if values else 0.0
+
+    def child_rss_kb(self) -> float:
+        return self._status_kb("VmRSS")
+
+    def child_peak_rss_kb(self) -> float:
+        return self._status_kb("VmHWM")
 
     def start(self, wait: bool = True) -> CeleryWorker:
         offset = self.log.stat().st_size if self.log.exists() else 0
@@ -132,6 +155,8 @@ class CeleryWorker:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                user=self.user,
+                group=self.user,
             )
         if wait:
             wait_for(lambda: self._ready(offset), 180, f"celery worker {self.name} to be ready")
@@ -261,3 +286,32 @@ class SeaweedS3:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self.proc = None
+
+
+# ru_maxrss survives exec (a child would report a TensorFlow-sized parent); VmHWM does not.
+_PRODUCER_SCRIPT = """
+import sys
+import producer
+producer.enqueue(sys.argv[1], sys.argv[2], broker=sys.argv[3], queue="parked", chunk=256,
+                 backbone="stub", weights="random")
+print(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")))
+"""
+
+
+def producer_peak_rss_kb(folder: Path, out: Path, broker_url: str) -> float:
+    """Peak RSS of a fresh producer process that scans ``folder`` and enqueues all of it."""
+    done = subprocess.run(
+        [sys.executable, "-c", _PRODUCER_SCRIPT, str(folder), str(out), broker_url],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    )
+    return float(done.stdout.split()[-1])
+
+
+def touch_files(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / f"{i:07d}.jpg").touch()
+    return folder

@@ -32,7 +32,12 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     broker_transport_options={"visibility_timeout": settings.visibility_timeout},
     task_time_limit=settings.task_time_limit,
-    worker_cancel_long_running_tasks_on_connection_loss=True,
+    task_acks_on_timeout=False,  # a chunk killed by the hard time limit goes back on the queue
+    # A broker blip does not kill the child (and its model); a chunk whose ack was lost with
+    # the connection is redelivered and recognised as already recorded.
+    worker_cancel_long_running_tasks_on_connection_loss=False,
+    # Cold shutdown (SIGQUIT, a second Ctrl-C) still gives the chunk in hand this long.
+    worker_soft_shutdown_timeout=30.0,
     broker_connection_retry_on_startup=True,
     broker_connection_max_retries=None,
     # one process per device by default; the model takes a while to load in each
@@ -47,3 +52,5 @@ app.conf.update(
     worker_hijack_root_logger=True,
 )
 app.config_from_envvar("IMGENC_CELERY_CONFIG", silent=True, force=True)
+if app.conf.task_serializer == "auth":  # message signing, enabled by an IMGENC_CELERY_CONFIG module
+    app.setup_security()

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from celery import concurrency
 from celery.signals import worker_init, worker_process_init
 
@@ -51,6 +52,8 @@ def get_state() -> WorkerState:
             settings = Settings.from_env()
             start = time.monotonic()
             encoder = Encoder(settings)
+            size = encoder.input_size
+            encoder.encode(np.zeros((1, size, size, 3), np.uint8))  # trace the function now
             log.info(
                 "model ready in %.1f s: %s %s, %d bits, weights %s, precision %s, spec %s (pid %d)",
                 time.monotonic() - start,

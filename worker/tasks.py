@@ -14,6 +14,10 @@ expects and up to ``MAX_PATHS_PER_TASK`` paths relative to the image root.  The 
 4. writes one shard and its manifest part under keys derived from job and chunk (a
    redelivered chunk overwrites them), retrying storage errors with backoff;
 5. records the chunk's counts in the registry, and merges the manifest when it is the last.
+
+Registry (Redis) errors are retried.  Any other unexpected error is retried
+``MAX_ERROR_RETRIES`` times with backoff, then every image of the chunk is written as
+``failed`` with the error, so that no image is ever left without a manifest row.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ import time
 from typing import Any
 
 import numpy as np
-from celery.exceptions import Reject
+from celery.exceptions import Reject, Retry
 from celery.utils.log import get_task_logger
+from redis.exceptions import RedisError
 
 from encoder.images import ImageLoader, ImageStatus, LoadResult
 from encoder.manifest import merge_manifest
@@ -41,6 +46,8 @@ from worker.state import WorkerState, get_state
 log: logging.Logger = get_task_logger("imgenc.worker")
 MAX_PATHS_PER_TASK = 10_000
 MAX_PATH_LENGTH = 4096
+MAX_ERROR_RETRIES = 3  # unexpected errors: retried this often, then the images are `failed`
+REGISTRY_RETRY_COUNTDOWN = 5.0  # s
 
 
 def shard_name(job_id: str, chunk: int) -> str:
@@ -169,6 +176,44 @@ def encode_chunk(
     self: Any, job_id: str, chunk: int, dest: str, fingerprint: str, paths: list[str]
 ) -> dict[str, int]:
     _validate(job_id, chunk, dest, fingerprint, paths)
+    try:
+        return _encode_chunk(self, job_id, chunk, dest, fingerprint, paths)
+    except (Reject, Retry):
+        raise
+    except RedisError as exc:
+        log.warning(
+            "job %s chunk %d: registry unreachable (%s); retrying in %.0f s",
+            job_id,
+            chunk,
+            exc,
+            REGISTRY_RETRY_COUNTDOWN,
+        )
+        raise self.retry(exc=exc, countdown=REGISTRY_RETRY_COUNTDOWN) from None
+    except Exception as exc:  # a bug or a model error: retry, then fail the images, never drop
+        retries = self.request.retries or 0
+        if retries < MAX_ERROR_RETRIES:
+            log.exception(
+                "job %s chunk %d: %s; retry %d of %d",
+                job_id,
+                chunk,
+                exc,
+                retries + 1,
+                MAX_ERROR_RETRIES,
+            )
+            raise self.retry(exc=exc, countdown=TASK_RETRY_COUNTDOWN * 2**retries) from None
+        log.exception("job %s chunk %d: giving up after %d retries", job_id, chunk, retries)
+        return _fail_chunk(
+            job_id,
+            chunk,
+            dest,
+            paths,
+            f"worker error: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}",
+        )
+
+
+def _encode_chunk(
+    task: Any, job_id: str, chunk: int, dest: str, fingerprint: str, paths: list[str]
+) -> dict[str, int]:
     start = time.monotonic()
     state = get_state()
     registry = state.registry
@@ -177,10 +222,9 @@ def encode_chunk(
         finalize_if_complete(state, job_id, dest)
         return {}
     attempt = registry.next_attempt(job_id, chunk)
-    retries = self.request.retries or 0
-    storage = state.storage(dest)
+    retries = task.request.retries or 0
     writer = ShardWriter(
-        storage, state.encoder.spec, job_id, shard_size=0, host=socket.gethostname()
+        state.storage(dest), state.encoder.spec, job_id, shard_size=0, host=socket.gethostname()
     )
     if fingerprint != state.encoder.spec.fingerprint:
         _refuse_mismatched_spec(state, job_id, chunk, fingerprint, paths, writer)
@@ -200,6 +244,22 @@ def encode_chunk(
             _encode_carefully(state, loader, job_id, chunk, paths, writer)
         else:
             _encode_fast(state, loader, paths, writer)
+    _write(task, writer, job_id, chunk)
+    registry.record_chunk(job_id, chunk, writer.counts)
+    seconds = time.monotonic() - start
+    log.info(
+        "job %s chunk %d: %s in %.2f s (%.1f img/s)",
+        job_id,
+        chunk,
+        writer.counts,
+        seconds,
+        len(paths) / seconds if seconds else 0.0,
+    )
+    finalize_if_complete(state, job_id, dest)
+    return writer.counts
+
+
+def _write(task: Any, writer: ShardWriter, job_id: str, chunk: int) -> None:
     name = shard_name(job_id, chunk)
     try:
         STORAGE_BACKOFF.run(lambda: writer.flush(name), what=f"job {job_id} chunk {chunk}")
@@ -211,17 +271,20 @@ def encode_chunk(
             exc,
             TASK_RETRY_COUNTDOWN,
         )
-        raise self.retry(exc=exc, countdown=TASK_RETRY_COUNTDOWN) from None
-    registry.record_chunk(job_id, chunk, writer.counts)
-    seconds = time.monotonic() - start
-    log.info(
-        "job %s chunk %d: %s in %.2f s (%.1f img/s)",
-        job_id,
-        chunk,
-        writer.counts,
-        seconds,
-        len(paths) / seconds if seconds else 0.0,
+        raise task.retry(exc=exc, countdown=TASK_RETRY_COUNTDOWN) from None
+
+
+def _fail_chunk(
+    job_id: str, chunk: int, dest: str, paths: list[str], reason: str
+) -> dict[str, int]:
+    state = get_state()
+    writer = ShardWriter(
+        state.storage(dest), state.encoder.spec, job_id, shard_size=0, host=socket.gethostname()
     )
+    results = [LoadResult(id=p, path="", status=ImageStatus.FAILED, error=reason) for p in paths]
+    writer.add(results, np.zeros((0, state.encoder.spec.bytes_per_code), np.uint8))
+    STORAGE_BACKOFF.run(lambda: writer.flush(shard_name(job_id, chunk)), what=f"job {job_id}")
+    state.registry.record_chunk(job_id, chunk, writer.counts)
     finalize_if_complete(state, job_id, dest)
     return writer.counts
 

@@ -1,0 +1,106 @@
+"""Load: 10,000 small images through two workers (stub backbone, so it runs in seconds) and a
+scan of 100,000 files.  Complete manifest, no duplicates, flat memory."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.audit import audit
+from tests.imagegen import write_jpegs
+from tests.services import (
+    CeleryWorker,
+    RedisServer,
+    producer_peak_rss_kb,
+    touch_files,
+    wait_for,
+    worker_env,
+)
+from worker.registry import JobRegistry
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop(kill=True)
+
+
+def test_10000_images_through_two_workers_complete_once_each_with_flat_worker_memory(
+    redis_server, tmp_path, reliability
+):
+    import producer
+
+    folder = tmp_path / "images"
+    names = write_jpegs(folder, 10_000, size=(64, 48))
+    env = worker_env(redis_server.url, IMGENC_DECODE_THREADS="1")
+    workers = [CeleryWorker(env, tmp_path / f"w{i}.log", name=f"load{i}") for i in range(2)]
+    for w in workers:
+        w.start(wait=False)
+    for w in workers:
+        wait_for(lambda w=w: "model ready" in w.text() and " ready." in w.text(), 180, "worker")
+    samples: list[tuple[int, list[float]]] = []
+    stop = threading.Event()
+    registry = JobRegistry.from_url(redis_server.url)
+    out = tmp_path / "out"
+    try:
+        job = producer.enqueue(
+            folder, str(out), broker=redis_server.url, chunk=100, backbone="stub", weights="random"
+        )
+
+        def sample() -> None:
+            while not stop.is_set():
+                try:
+                    processed = registry.status(job.id).processed
+                except Exception:
+                    processed = -1
+                samples.append((processed, [w.child_rss_kb() for w in workers]))
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        start = time.monotonic()
+        final = job.wait(timeout=600)
+        seconds = time.monotonic() - start
+    finally:
+        stop.set()
+        for w in workers:
+            w.stop()
+    after_first_1000 = next(rss for processed, rss in samples if processed >= 1000)
+    at_the_end = samples[-1][1]
+    growth_mib = [
+        (end - first) / 1024 for first, end in zip(after_first_1000, at_the_end, strict=True)
+    ]
+    figures = audit(str(out), names, registry, [job.id])
+    figures.update(
+        test="load: 10,000 images, 2 workers (stub)",
+        faults_injected=0,
+        images_per_second=round(10_000 / seconds),
+        worker_rss_mib_after_1000=[round(v / 1024) for v in after_first_1000],
+        worker_rss_growth_mib_1000_to_10000=[round(g, 1) for g in growth_mib],
+    )
+    reliability.append(figures)
+    assert final.counts == {"ok": 10_000}
+    assert figures["lost"] == 0 and figures["duplicate_rows"] == 0
+    assert figures["manifest_rows"] == 10_000
+    assert all("chunk" in w.text() for w in workers), "both workers took chunks"
+    assert max(growth_mib) < 25, f"worker RSS grew by {growth_mib} MiB"
+
+
+def test_scanning_100000_files_keeps_producer_memory_flat(redis_server, tmp_path, reliability):
+    small = producer_peak_rss_kb(
+        touch_files(tmp_path / "s", 10_000), tmp_path / "o1", redis_server.url
+    )
+    large = producer_peak_rss_kb(
+        touch_files(tmp_path / "l", 100_000), tmp_path / "o2", redis_server.url
+    )
+    reliability.append(
+        {
+            "test": "producer scan",
+            "peak_rss_mib_10000_files": round(small / 1024, 1),
+            "peak_rss_mib_100000_files": round(large / 1024, 1),
+        }
+    )
+    assert (large - small) / 1024 < 8, f"{small / 1024:.1f} -> {large / 1024:.1f} MiB"
