@@ -42,6 +42,7 @@ class Settings:
     max_strikes: int = 2  # times an image may be in hand when its worker dies, then `failed`
     visibility_timeout: int = 3600  # s: Redis redelivers a message unacked for this long
     task_time_limit: int = 1800  # s: a chunk running longer is killed (and redelivered)
+    image_time_limit: float = 120.0  # s: a worker decoding one image for longer kills itself
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -108,13 +108,19 @@ class CeleryWorker:
         log: Path,
         name: str = "w1",
         extra_args: tuple[str, ...] = (),
-        user: int | None = None,
+        drop_root_file_access: bool = False,
     ):
         self.env = env
         self.log = log
         self.name = name
         self.extra_args = extra_args
-        self.user = user  # run as this uid (and gid) when the tests run as root
+        # As root, run without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH, so that file
+        # permissions apply to the worker as to any user (a mode-000 file is unreadable).
+        self.prefix = (
+            ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+            if drop_root_file_access and os.geteuid() == 0
+            else []
+        )
         self.proc: subprocess.Popen | None = None
 
     def _status_kb(self, field: str) -> float:
@@ -139,6 +145,7 @@ class CeleryWorker:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [
+                    *self.prefix,
                     str(BIN / "celery"),
                     "-A",
                     "worker",
@@ -155,8 +162,6 @@ class CeleryWorker:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                user=self.user,
-                group=self.user,
             )
         if wait:
             wait_for(lambda: self._ready(offset), 180, f"celery worker {self.name} to be ready")
@@ -208,7 +213,7 @@ class SeaweedS3:
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
-        self.port = free_port()
+        self.port = self._grpc_safe_port()
         self.proc: subprocess.Popen | None = None
         self.ports = {name: self._grpc_safe_port() for name in ("master", "volume", "filer")}
         workdir.mkdir(parents=True, exist_ok=True)

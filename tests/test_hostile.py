@@ -2,8 +2,9 @@
 job (and through ``imgenc encode``), each must get its expected status, and the job must
 complete.  Then hostile messages (pickle, YAML, unknown tasks) and Redis over TLS.
 
-When the tests run as root, the worker runs as ``nobody`` so that a file without read
-permission is really unreadable to it."""
+When the tests run as root, the worker runs without the capability that lets root ignore
+file permissions (``setpriv``), so that a file without read permission is really unreadable
+to it."""
 
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from tests.imagegen import photo_like
 from tests.services import REPO, CeleryWorker, RedisServer, free_port, wait_for, worker_env
 
 STUB = {"backbone": "stub", "weights": "random"}
-NOBODY = 65534
 
 
 def _png(width: int, height: int) -> bytes:
@@ -167,12 +167,11 @@ def test_every_kind_of_hostile_file_gets_its_own_status_and_the_job_completes(
         images, str(out), broker=redis_server.url, chunk=8, queue="hostile", **STUB
     )
     (images / "vanishes.jpg").unlink()  # after the scan, before any worker sees it
-    as_nobody = os.geteuid() == 0
     w = CeleryWorker(
         worker_env(redis_server.url, HOME=str(home), IMGENC_QUEUE="hostile"),
         tmp_path / "worker.log",
         extra_args=("-Q", "hostile"),
-        user=NOBODY if as_nobody else None,
+        drop_root_file_access=True,
     ).start()
     try:
         before = w.child_rss_kb()
@@ -202,7 +201,7 @@ def test_embedded_encode_gives_the_same_statuses(world_readable_tmp, tmp_path):
     (images / "vanishes.jpg").unlink()
     del expected["vanishes.jpg"]
     if os.geteuid() == 0:
-        del expected["no-permission.jpg"]  # root reads it; the job test runs as nobody
+        del expected["no-permission.jpg"]  # root reads it; the job test drops that power
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGENC_")}
     run = subprocess.run(
         [

@@ -30,7 +30,17 @@ app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
-    broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+    broker_transport_options={
+        "visibility_timeout": settings.visibility_timeout,
+        # Look for messages abandoned by a dead worker every few seconds (kombu's default
+        # sweep runs every 10 s x 10 = 100 s); the scan is one ZRANGE.
+        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 5)),
+        "unacked_restore_throttle": 1,
+        # A broker that disappears without closing TCP must not hang a publish forever.
+        "socket_timeout": 60,
+        "socket_connect_timeout": 10,
+        "health_check_interval": 30,
+    },
     task_time_limit=settings.task_time_limit,
     task_acks_on_timeout=False,  # a chunk killed by the hard time limit goes back on the queue
     # A broker blip does not kill the child (and its model); a chunk whose ack was lost with

@@ -22,6 +22,7 @@ from celery.signals import worker_init, worker_process_init
 from encoder.settings import Settings
 from encoder.storage import Storage, open_storage
 from worker.registry import JobRegistry
+from worker.watchdog import DecodeWatchdog
 
 log = logging.getLogger("imgenc.worker")
 
@@ -31,6 +32,7 @@ class WorkerState:
     settings: Settings
     encoder: Any
     registry: JobRegistry
+    watchdog: DecodeWatchdog
     storages: dict[str, Storage] = field(default_factory=dict)
 
     def storage(self, dest: str) -> Storage:
@@ -65,7 +67,12 @@ def get_state() -> WorkerState:
                 encoder.spec.fingerprint,
                 os.getpid(),
             )
-            _state = WorkerState(settings, encoder, JobRegistry.from_url(settings.broker_url))
+            _state = WorkerState(
+                settings,
+                encoder,
+                JobRegistry.from_url(settings.broker_url),
+                DecodeWatchdog(settings.image_time_limit),
+            )
         return _state
 
 

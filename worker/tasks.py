@@ -42,12 +42,12 @@ from encoder.writer import ShardWriter
 from worker.app import app
 from worker.retries import STORAGE_BACKOFF, TASK_RETRY_COUNTDOWN
 from worker.state import WorkerState, get_state
+from worker.watchdog import WatchedLoader
 
 log: logging.Logger = get_task_logger("imgenc.worker")
 MAX_PATHS_PER_TASK = 10_000
 MAX_PATH_LENGTH = 4096
 MAX_ERROR_RETRIES = 3  # unexpected errors: retried this often, then the images are `failed`
-REGISTRY_RETRY_COUNTDOWN = 5.0  # s
 
 
 def shard_name(job_id: str, chunk: int) -> str:
@@ -181,14 +181,14 @@ def encode_chunk(
     except (Reject, Retry):
         raise
     except RedisError as exc:
+        # Redis stayed down through the client's retries. Publishing a Celery retry would
+        # need Redis too, and Celery drops a message whose retry it cannot publish; so
+        # reject with requeue, which is never an ack: the message stays unacked in Redis
+        # and comes back after the visibility timeout (or at once, if the requeue goes through).
         log.warning(
-            "job %s chunk %d: registry unreachable (%s); retrying in %.0f s",
-            job_id,
-            chunk,
-            exc,
-            REGISTRY_RETRY_COUNTDOWN,
+            "job %s chunk %d: registry unreachable (%s); requeueing the chunk", job_id, chunk, exc
         )
-        raise self.retry(exc=exc, countdown=REGISTRY_RETRY_COUNTDOWN) from None
+        raise Reject(str(exc), requeue=True) from None
     except Exception as exc:  # a bug or a model error: retry, then fail the images, never drop
         retries = self.request.retries or 0
         if retries < MAX_ERROR_RETRIES:
@@ -230,7 +230,7 @@ def _encode_chunk(
         _refuse_mismatched_spec(state, job_id, chunk, fingerprint, paths, writer)
     else:
         root = os.environ.get("IMGENC_IMAGE_ROOT") or registry.job(job_id)["image_root"]
-        loader = ImageLoader(root, state.encoder.input_size)
+        loader = WatchedLoader(ImageLoader(root, state.encoder.input_size), state.watchdog)
         deaths = attempt - 1 - retries
         if deaths > 0:
             log.warning(
