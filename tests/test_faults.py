@@ -60,18 +60,22 @@ def models_loaded(worker: CeleryWorker) -> int:
     return worker.text().count("model ready")
 
 
+@pytest.mark.parametrize(
+    "n_images,child_kills",
+    [(300, 3), pytest.param(3000, 10, marks=pytest.mark.slow, id="3000-images-10-kills")],
+)
 def test_killing_worker_processes_mid_job_loses_and_duplicates_nothing(
-    redis_server, tmp_path, reliability
+    redis_server, tmp_path, reliability, n_images, child_kills
 ):
     folder = tmp_path / "images"
-    names = write_jpegs(folder, 300, size=(64, 48))
+    names = write_jpegs(folder, n_images, size=(64, 48))
     out = tmp_path / "out"
     log = tmp_path / "worker.log"
     w = CeleryWorker(slow_env(redis_server.url), log).start()
     faults = []
     try:
         job = enqueue(redis_server.url, folder, str(out), chunk=10)
-        for _ in range(3):  # the pool's child, three times: the parent restarts it
+        for _ in range(child_kills):  # the pool's child: the parent restarts it
             seen, loaded = received(w), models_loaded(w)
             wait_for(lambda seen=seen: received(w) > seen, 60, "a chunk in flight")
             time.sleep(0.1)
@@ -95,9 +99,9 @@ def test_killing_worker_processes_mid_job_loses_and_duplicates_nothing(
         seconds_from_last_kill_to_done=round(drained, 1),
     )
     reliability.append(figures)
-    assert final.counts == {"ok": 300}
+    assert final.counts == {"ok": n_images}
     assert figures["lost"] == 0 and figures["duplicate_rows"] == 0
-    assert figures["manifest_rows"] == 300 and figures["re_executions"] >= 4
+    assert figures["manifest_rows"] == n_images and figures["re_executions"] >= child_kills + 1
     assert drained < VISIBILITY + 45
     assert codes_match_a_fresh_local_encode(str(out), folder, **STUB)
 
