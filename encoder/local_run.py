@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from encoder.images import ImageLoader
-from encoder.manifest import done_keys, merge_manifest, status_counts
+from encoder.manifest import StatusTotals, done_keys, merge_manifest, status_counts
 from encoder.pipeline import encode_stream
 from encoder.scan import scan_images
 from encoder.settings import Settings
@@ -27,19 +27,11 @@ log = logging.getLogger("imgenc")
 
 
 @dataclass
-class RunSummary:
+class RunSummary(StatusTotals):
     counts: dict[str, int] = field(default_factory=dict)
     skipped: int = 0  # already done in DEST (--resume)
     seconds: float = 0.0
     interrupted: bool = False
-
-    @property
-    def processed(self) -> int:
-        return sum(self.counts.values())
-
-    @property
-    def failed(self) -> int:
-        return sum(n for status, n in self.counts.items() if status != "ok")
 
     def lines(self) -> list[str]:
         rate = self.processed / self.seconds if self.seconds > 0 else 0.0
@@ -48,8 +40,7 @@ class RunSummary:
             f"{head}: {self.processed} images in {self.seconds:.1f} s ({rate:.2f} img/s), "
             f"{self.skipped} already done"
         ]
-        lines += [f"  {status:<14} {n}" for status, n in sorted(self.counts.items())]
-        return lines
+        return lines + self.count_lines()
 
 
 def new_run_id() -> str:

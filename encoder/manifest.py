@@ -97,6 +97,24 @@ def read_manifest(storage: Storage) -> list[Row]:
         return deduplicate(read_parts(storage))
 
 
+class StatusTotals:
+    """Totals of a run or job from its ``counts`` (status -> images), shared by
+    ``imgenc encode``'s summary and a distributed job's status."""
+
+    counts: dict[str, int]
+
+    @property
+    def processed(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def failed(self) -> int:
+        return sum(n for status, n in self.counts.items() if status != "ok")
+
+    def count_lines(self) -> list[str]:
+        return [f"  {status:<14} {n}" for status, n in sorted(self.counts.items())]
+
+
 def status_counts(rows: Iterable[Row]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for row in rows:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from encoder.codes import load_codes
 from encoder.manifest import csv_to_rows
 from tests.imagegen import write_jpegs
 from tests.services import REPO, CeleryWorker, RedisServer, SeaweedS3, wait_for, worker_env
+from tests.test_cli_encode import imgenc
 
 STUB = {"backbone": "stub", "weights": "random"}
 
@@ -267,19 +267,6 @@ def test_oversized_argument_list_is_refused_and_logged(redis_server, worker, tmp
         )
     wait_for(lambda: "refusing malformed chunk message" in worker.text(), 30, "the refusal")
     assert not (tmp_path / "o").exists()
-
-
-def imgenc(*args, env=None):
-    full = {k: v for k, v in os.environ.items() if not k.startswith("IMGENC_")}
-    full.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "encoder", *args],
-        cwd=REPO,
-        env=full,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def test_cli_enqueue_wait_status_and_jobs_never_print_the_password(redis_server, worker, tmp_path):

@@ -22,24 +22,33 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from encoder.manifest import StatusTotals
 
 PREFIX = "imgenc:"
 JOB_TTL = 30 * 24 * 3600  # s
 
 
+REDIS_RETRIES = 7  # with backoff from 0.25 s doubling to 8 s: rides out ~20 s of restart
+
+
 def connect(url: str) -> redis.Redis:
+    """A client that reconnects and retries through a Redis restart before giving up."""
     return redis.Redis.from_url(
         url,
         decode_responses=True,
         socket_timeout=30,
         socket_connect_timeout=10,
-        retry_on_timeout=True,
         health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=8, base=0.25), REDIS_RETRIES),
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
     )
 
 
 @dataclass
-class JobStatus:
+class JobStatus(StatusTotals):
     job_id: str
     dest: str
     total: int  # images enqueued (final once scanning is over)
@@ -51,14 +60,6 @@ class JobStatus:
     started_at: float | None = None
     updated_at: float | None = None
     finished_at: float | None = None
-
-    @property
-    def processed(self) -> int:
-        return sum(self.counts.values())
-
-    @property
-    def failed(self) -> int:
-        return sum(n for status, n in self.counts.items() if status != "ok")
 
     @property
     def done(self) -> bool:
@@ -101,8 +102,7 @@ class JobStatus:
             f"  {self.processed}/{self.total} images, {self.failed} failed, "
             f"{self.chunks_done}/{self.chunks} chunks, {self.images_per_second:.2f} img/s{eta}",
         ]
-        lines += [f"  {status:<14} {n}" for status, n in sorted(self.counts.items())]
-        return lines
+        return lines + self.count_lines()
 
 
 class JobRegistry:
