@@ -31,6 +31,16 @@ def get_encoder(**overrides):
 
 
 @pytest.fixture
+def redis_server(tmp_path: Path):
+    """A private redis-server (with a password) for one test, killed afterwards."""
+    from tests.services import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop(kill=True)
+
+
+@pytest.fixture
 def jpeg_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "images"
     write_jpegs(folder, 6)

@@ -35,13 +35,6 @@ VISIBILITY = 10  # s, short on purpose: a dead worker's chunk comes back after t
 FAST_FAULTS = {"IMGENC_VISIBILITY_TIMEOUT": str(VISIBILITY), "IMGENC_TASK_TIME_LIMIT": "8"}
 
 
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop(kill=True)
-
-
 def slow_env(redis_url: str, delay: float = 0.02, **extra: str) -> dict[str, str]:
     return worker_env(redis_url, IMGENC_STUB_DELAY=str(delay), **FAST_FAULTS, **extra)
 

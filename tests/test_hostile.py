@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from tests.imagegen import photo_like
-from tests.services import REPO, CeleryWorker, RedisServer, free_port, wait_for, worker_env
+from tests.services import REPO, CeleryWorker, free_port, wait_for, worker_env
 
 STUB = {"backbone": "stub", "weights": "random"}
 
@@ -139,13 +139,6 @@ def world_readable_tmp():
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop(kill=True)
 
 
 def test_every_kind_of_hostile_file_gets_its_own_status_and_the_job_completes(

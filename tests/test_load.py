@@ -12,20 +12,12 @@ from tests.audit import audit
 from tests.imagegen import write_jpegs
 from tests.services import (
     CeleryWorker,
-    RedisServer,
     producer_peak_rss_kb,
     touch_files,
     wait_for,
     worker_env,
 )
 from worker.registry import JobRegistry
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop(kill=True)
 
 
 @pytest.mark.parametrize(
