@@ -15,13 +15,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from encoder.images import ImageLoader
-from encoder.manifest import StatusTotals, done_keys, merge_manifest, status_counts
+from encoder.manifest import StatusTotals, merge_manifest, status_counts
 from encoder.pipeline import encode_stream
 from encoder.scan import scan_images
 from encoder.settings import Settings
 from encoder.spec import spec_for
-from encoder.storage import StorageError, open_storage
-from encoder.writer import ShardWriter, ensure_spec
+from encoder.storage import StorageError
+from encoder.writer import ShardWriter, open_destination
 
 log = logging.getLogger("imgenc")
 
@@ -65,10 +65,8 @@ def encode_folder(
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise NotADirectoryError(f"{image_dir} is not a directory")
-    storage = open_storage(dest)
     spec = spec_for(settings)
-    ensure_spec(storage, spec, settings.center)
-    skip = done_keys(storage) if resume else set()
+    storage, skip = open_destination(dest, spec, settings.center, resume)
     todo = sum(1 for e in scan_images(image_dir) if e.resume_key not in skip)
     enc = encoder if encoder is not None else Encoder(settings)
     loader = ImageLoader(image_dir, enc.input_size)

@@ -16,9 +16,17 @@ from datetime import datetime, timezone
 import numpy as np
 
 from encoder.images import LoadResult
-from encoder.manifest import CENTER_KEY, CODES_PREFIX, PARTS_PREFIX, SPEC_KEY, Row, rows_to_csv
+from encoder.manifest import (
+    CENTER_KEY,
+    CODES_PREFIX,
+    PARTS_PREFIX,
+    SPEC_KEY,
+    Row,
+    done_keys,
+    rows_to_csv,
+)
 from encoder.spec import CodeSpec, SpecMismatch
-from encoder.storage import Storage
+from encoder.storage import Storage, open_storage
 
 
 def ensure_spec(storage: Storage, spec: CodeSpec, center: str | None = None) -> None:
@@ -36,6 +44,17 @@ def ensure_spec(storage: Storage, spec: CodeSpec, center: str | None = None) -> 
         existing.check_compatible(spec, what=f"the codes already in {storage.url}")
     except SpecMismatch as exc:
         raise SpecMismatch(f"{exc}; write to another destination") from None
+
+
+def open_destination(
+    dest: str, spec: CodeSpec, center: str | None, resume: bool
+) -> tuple[Storage, set[tuple[str, int | None, int | None]]]:
+    """Open ``dest`` for writing codes of ``spec`` (refusing another spec), and return the
+    storage with the resume keys of the images it already holds as ok (empty unless
+    ``resume``).  Used by ``imgenc encode`` and by the producer alike."""
+    storage = open_storage(dest)
+    ensure_spec(storage, spec, center)
+    return storage, done_keys(storage) if resume else set()
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

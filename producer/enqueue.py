@@ -14,12 +14,10 @@ from typing import Any
 
 from kombu.utils.url import maybe_sanitize_url
 
-from encoder.manifest import done_keys
 from encoder.scan import scan_images
 from encoder.settings import Settings
 from encoder.spec import spec_for
-from encoder.storage import open_storage
-from encoder.writer import ensure_spec
+from encoder.writer import open_destination
 from worker.registry import JobRegistry, JobStatus
 
 log = logging.getLogger("imgenc")
@@ -133,9 +131,7 @@ def enqueue(
     if not image_dir.is_dir():
         raise NotADirectoryError(f"{image_dir} is not a directory")
     spec = spec_for(settings)
-    storage = open_storage(out)
-    ensure_spec(storage, spec, settings.center)
-    skip = done_keys(storage) if resume else set()
+    _, skip = open_destination(out, spec, settings.center, resume)
 
     job_id = uuid.uuid4().hex[:12]
     registry = JobRegistry.from_url(settings.broker_url)

@@ -28,6 +28,7 @@ from encoder.storage import LocalStorage
 from tests.audit import audit, codes_match_a_fresh_local_encode
 from tests.imagegen import write_jpegs
 from tests.services import REPO, CeleryWorker, RedisServer, SeaweedS3, wait_for, worker_env
+from tests.test_cli_encode import imgenc
 from worker.registry import JobRegistry
 
 STUB = {"backbone": "stub", "weights": "random"}
@@ -319,29 +320,18 @@ def test_embedded_encode_into_a_full_disk_exits_with_a_clear_error_and_resume_fi
         folder = tmp_path / "images"
         write_jpegs(folder, 400, size=(64, 48))
         out = mount / "out"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("IMGENC_")}
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "encoder",
-                "encode",
-                str(folder),
-                "--out",
-                str(out),
-                "--backbone",
-                "stub",
-                "--weights",
-                "random",
-                "--shard-size",
-                "32",
-                "--no-progress",
-            ],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
+        run = imgenc(
+            "encode",
+            str(folder),
+            "--out",
+            str(out),
+            "--backbone",
+            "stub",
+            "--weights",
+            "random",
+            "--shard-size",
+            "32",
+            "--no-progress",
         )
         assert run.returncode == 2, run.stderr[-2000:]
         assert "disk full" in run.stderr and "Traceback" not in run.stderr

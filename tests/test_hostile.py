@@ -24,7 +24,8 @@ import pytest
 from PIL import Image
 
 from tests.imagegen import photo_like
-from tests.services import REPO, CeleryWorker, free_port, wait_for, worker_env
+from tests.services import CeleryWorker, free_port, wait_for, worker_env
+from tests.test_cli_encode import imgenc
 
 STUB = {"backbone": "stub", "weights": "random"}
 
@@ -195,27 +196,16 @@ def test_embedded_encode_gives_the_same_statuses(world_readable_tmp, tmp_path):
     del expected["vanishes.jpg"]
     if os.geteuid() == 0:
         del expected["no-permission.jpg"]  # root reads it; the job test drops that power
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGENC_")}
-    run = subprocess.run(
-        [
-            os.sys.executable,
-            "-m",
-            "encoder",
-            "encode",
-            str(images),
-            "--out",
-            str(tmp_path / "o"),
-            "--backbone",
-            "stub",
-            "--weights",
-            "random",
-            "--no-progress",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run = imgenc(
+        "encode",
+        str(images),
+        "--out",
+        str(tmp_path / "o"),
+        "--backbone",
+        "stub",
+        "--weights",
+        "random",
+        "--no-progress",
     )
     assert run.returncode == 0, run.stderr[-2000:]
     got = pd.read_csv(tmp_path / "o" / "manifest.csv", keep_default_na=False).set_index("id")

@@ -50,6 +50,13 @@ MAX_PATH_LENGTH = 4096
 MAX_ERROR_RETRIES = 3  # unexpected errors: retried this often, then the images are `failed`
 
 
+def _chunk_writer(state: WorkerState, job_id: str, dest: str) -> ShardWriter:
+    """A writer that flushes only when told: one shard per chunk."""
+    return ShardWriter(
+        state.storage(dest), state.encoder.spec, job_id, shard_size=0, host=socket.gethostname()
+    )
+
+
 def shard_name(job_id: str, chunk: int) -> str:
     return f"{job_id}-{chunk:06d}"
 
@@ -223,9 +230,7 @@ def _encode_chunk(
         return {}
     attempt = registry.next_attempt(job_id, chunk)
     retries = task.request.retries or 0
-    writer = ShardWriter(
-        state.storage(dest), state.encoder.spec, job_id, shard_size=0, host=socket.gethostname()
-    )
+    writer = _chunk_writer(state, job_id, dest)
     if fingerprint != state.encoder.spec.fingerprint:
         _refuse_mismatched_spec(state, job_id, chunk, fingerprint, paths, writer)
     else:
@@ -278,9 +283,7 @@ def _fail_chunk(
     job_id: str, chunk: int, dest: str, paths: list[str], reason: str
 ) -> dict[str, int]:
     state = get_state()
-    writer = ShardWriter(
-        state.storage(dest), state.encoder.spec, job_id, shard_size=0, host=socket.gethostname()
-    )
+    writer = _chunk_writer(state, job_id, dest)
     results = [LoadResult(id=p, path="", status=ImageStatus.FAILED, error=reason) for p in paths]
     writer.add(results, np.zeros((0, state.encoder.spec.bytes_per_code), np.uint8))
     STORAGE_BACKOFF.run(lambda: writer.flush(shard_name(job_id, chunk)), what=f"job {job_id}")
