@@ -13,8 +13,10 @@ RUN useradd --create-home --uid 1000 imgenc && mkdir -p /models /images /out \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY encoder ./encoder
+COPY jobs ./jobs
 COPY producer ./producer
 COPY worker ./worker
+COPY imgenc ./imgenc
 ARG TF_EXTRA=and-cuda
 RUN pip install "tensorflow[${TF_EXTRA}]>=2.16,<2.22" && pip install ".[flower]"
 

@@ -1,6 +1,6 @@
-"""Render a ``python -m bench`` JSON table as the Markdown table in the README.
+"""Render a ``python -m bench`` JSON table as Markdown (the README's performance table).
 
-python -m bench.report bench/results-clothing-1k.json
+python -m bench.report bench-results.json
 """
 
 from __future__ import annotations
@@ -8,41 +8,46 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 
-def _value(row: dict) -> str:
+def format_value(row: dict[str, Any]) -> str:
     value = row["value"]
-    if value is None:
-        return "-"
-    if row["unit"] in ("share",):
-        return f"{value:.3f}"
-    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.3g}"
+    if row["unit"] == "share":
+        return f"{value:.3f} share"
+    number = f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.3g}"
+    return f"{number} {row['unit']}"
 
 
-def markdown(table: dict) -> str:
-    m = table["machine"]
+def format_ratio(row: dict[str, Any]) -> str:
+    return f"{row['ratio']:.2f}× {row['reference']}" if row["ratio"] is not None else ""
+
+
+def run_time(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+
+
+def markdown(table: dict[str, Any]) -> str:
+    machine = table["machine"]
     lines = [
-        f"Machine: {m['cpu']}, {m['cores']} cores, CPU flags {' '.join(m['flags']) or 'none'}, "
-        f"TensorFlow {m['tensorflow']}, GPUs: {', '.join(m['gpus']) or 'none'}. "
-        f"Images: {table['images']}. Run time {table['seconds'] / 60:.0f} min.",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, CPU flags "
+        f"{' '.join(machine['flags']) or 'none'}, TensorFlow {machine['tensorflow']}, "
+        f"GPUs: {', '.join(machine['gpus']) or 'none'}. Images: {table['images']}. "
+        f"Run time {run_time(table['seconds'])}.",
         "",
-        "| group | measurement | value | ratio | target |",
+        "| group | measurement | value | ratio | note |",
         "| --- | --- | --- | --- | --- |",
     ]
     for row in table["rows"]:
-        ratio = f"{row['ratio']:.2f}× {row['of']}" if row["ratio"] is not None else ""
-        target = row["target"]
-        if row["met"] is not None:
-            target = f"{target} {'met' if row['met'] else '**missed**'}"
-        lines.append(
-            f"| {row['group']} | {row['name']} | {_value(row)} {row['unit']} | {ratio} | {target} |"
-        )
+        cells = (row["group"], row["name"], format_value(row), format_ratio(row), row["note"])
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
-    print(markdown(json.loads(Path(args[0] if args else "bench-results.json").read_text())))
+    path = Path(args[0] if args else "bench-results.json")
+    print(markdown(json.loads(path.read_text())))
     return 0
 
 

@@ -19,14 +19,16 @@ import numpy as np  # noqa: E402
 
 from encoder.backbones import get_backbone  # noqa: E402
 from encoder.codes import pack_bits  # noqa: E402
+from encoder.random_weights import randomize  # noqa: E402
 from encoder.settings import Settings  # noqa: E402
 from encoder.spec import CodeSpec, spec_for  # noqa: E402
 
 log = logging.getLogger("imgenc")
 
 RANDOM_WEIGHTS_WARNING = (
-    "WARNING: --weights random: the backbone has untrained random weights. The codes are "
-    "deterministic and fine for tests and smoke runs, but they carry no visual meaning: "
+    "WARNING: --weights random: the backbone has untrained random weights, drawn from the "
+    "seed, so every process builds the same network. The codes are deterministic and fine "
+    "for tests and smoke runs, but they carry no visual meaning: "
     "similar images will NOT get similar codes. Use --weights imagenet (the default) or a "
     "weights file for real encoding."
 )
@@ -69,6 +71,8 @@ def build_model(settings: Settings, center: np.ndarray | None = None) -> Any:
         pixels = keras.Input((size, size, 3), dtype="float32", name="pixels")
         try:
             extractor = backbone.build(weights)
+            if weights is None:
+                randomize(extractor, settings.seed)
         except Exception as exc:
             if weights == "imagenet" and (
                 "URL fetch failure" in str(exc) or isinstance(exc, OSError)
@@ -104,18 +108,15 @@ class Encoder:
 
         self.settings = settings
         self.spec: CodeSpec = spec_for(settings)
+        self.empty_codes = np.zeros((0, self.spec.bytes_per_code), np.uint8)
         self.backbone = get_backbone(settings.backbone)
         center = load_center(settings.center) if settings.center else None
         self.model = model if model is not None else build_model(settings, center)
         size = self.backbone.input_size
         self._features: Any = None
-        # The stub stands in for a model's time too when IMGENC_STUB_DELAY (s per image) is
-        # set, so that fault tests can catch chunks in flight.
-        self._stub_delay = (
-            float(os.environ.get("IMGENC_STUB_DELAY", "0") or 0)
-            if settings.backbone == "stub"
-            else 0.0
-        )
+        # The stub stands in for a model's time too when stub_delay (s per image) is set,
+        # so that fault tests can catch chunks in flight.
+        self._stub_delay = settings.stub_delay if settings.backbone == "stub" else 0.0
         self._forward = tf.function(
             self._call,
             input_signature=[tf.TensorSpec((None, size, size, 3), tf.uint8)],
@@ -155,7 +156,7 @@ class Encoder:
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """``(n, size, size, 3)`` uint8 to ``(n, bytes_per_code)`` packed codes."""
         if pixels.shape[0] == 0:
-            return np.zeros((0, self.spec.bytes_per_code), np.uint8)
+            return self.empty_codes
         if self._stub_delay:
             time.sleep(self._stub_delay * pixels.shape[0])
         return pack_bits(self.bits(pixels))

@@ -63,7 +63,3 @@ def scan_images(root: str | Path) -> Iterator[ScanEntry]:
                     except OSError:
                         pass
                 yield ScanEntry(rel, size, mtime)
-
-
-def count_images(root: str | Path) -> int:
-    return sum(1 for _ in scan_images(root))

@@ -19,9 +19,10 @@ from typing import Any
 
 from encoder.backbones import get_backbone
 from encoder.planes import planes_sha256
+from encoder.random_weights import RANDOM_WEIGHTS_ID
 from encoder.settings import Settings
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # 2: --weights random is seeded (RANDOM_WEIGHTS_ID), no longer per process
 RESIZE_METHOD = "squash-bilinear"  # whole image to input_size x input_size, Pillow BILINEAR
 COMPAT_FIELDS = (
     "spec_version",
@@ -49,7 +50,7 @@ class CodeSpec:
     n_bits: int
     seed: int
     planes_sha256: str
-    weights: str  # "imagenet@keras-3.x", "random", or "file:sha256:<hex>"
+    weights: str  # "imagenet@keras-3.x", RANDOM_WEIGHTS_ID (seeded by `seed`), "file:sha256:<hex>"
     input_size: int
     resize: str
     precision: str
@@ -117,7 +118,7 @@ def file_sha256(path: str | Path) -> str:
 
 def weights_identity(weights: str) -> str:
     if weights == "random":
-        return "random"
+        return RANDOM_WEIGHTS_ID
     if weights == "imagenet":
         try:
             return f"imagenet@keras-{metadata.version('keras')}"

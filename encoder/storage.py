@@ -26,7 +26,6 @@ class Storage(Protocol):
 
     def put(self, key: str, data: bytes) -> None: ...
     def get(self, key: str) -> bytes: ...
-    def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> Iterator[str]: ...
 
 
@@ -59,9 +58,6 @@ class LocalStorage:
             return (self.root / key).read_bytes()
         except FileNotFoundError:
             raise KeyError(key) from None
-
-    def exists(self, key: str) -> bool:
-        return (self.root / key).is_file()
 
     def list(self, prefix: str) -> Iterator[str]:
         base = self.root / prefix
@@ -111,13 +107,6 @@ class S3Storage:
             raise StorageError(f"S3 get {self.url}/{key} failed: {exc}") from exc
         except BotoCoreError as exc:
             raise StorageError(f"S3 get {self.url}/{key} failed: {exc}") from exc
-
-    def exists(self, key: str) -> bool:
-        try:
-            self.get(key)
-        except KeyError:
-            return False
-        return True
 
     def list(self, prefix: str) -> Iterator[str]:
         from botocore.exceptions import BotoCoreError, ClientError

@@ -1,9 +1,11 @@
 """``ShardWriter``: the one writer of codes and manifest rows, for every way of running.
 
-``imgenc encode`` lets it cut shards by size and age; the Celery worker flushes one shard
-per chunk under a name derived from the job and chunk, so a redelivered chunk overwrites
-the same keys.  Each flush writes the ``.npy`` shard first and its manifest part second,
-both atomically, so an interrupted run never leaves a manifest row without its code.
+Shards are named ``<run id>-<number>`` (``shard_name``) everywhere.  ``imgenc encode``
+lets the writer cut shards by size and age, numbered from 0 under a run id of its own;
+the Celery worker writes one shard per chunk, numbered by the chunk under the job's id,
+so a redelivered chunk overwrites the same keys.  Each flush writes the ``.npy`` shard
+first and its manifest part second, both atomically, so an interrupted run never leaves a
+manifest row without its code.
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ def open_destination(
     return storage, done_keys(storage) if resume else set()
 
 
+def shard_name(run_id: str, number: int) -> str:
+    """The one naming rule of shards and manifest parts: ``<run id>-<number, 6 digits>``."""
+    return f"{run_id}-{number:06d}"
+
+
 def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
@@ -72,7 +79,9 @@ class ShardWriter:
         shard_size: int = 1024,
         flush_seconds: float = 60.0,
         host: str | None = None,
+        first_shard: int = 0,
     ) -> None:
+        """``shard_size=0`` never flushes by itself: one shard per ``flush()`` call."""
         self.storage = storage
         self.spec = spec
         self.job_id = job_id
@@ -83,7 +92,7 @@ class ShardWriter:
         self._codes: list[np.ndarray] = []
         self._n_codes = 0
         self._opened = time.monotonic()
-        self._next_shard = 0
+        self._next_shard = first_shard
         self.counts: dict[str, int] = {}
 
     def add(self, results: list[LoadResult], codes: np.ndarray) -> None:
@@ -103,13 +112,11 @@ class ShardWriter:
         ):
             self.flush()
 
-    def flush(self, name: str | None = None) -> str | None:
-        """Write what is buffered as one shard; ``name`` defaults to ``<job_id>-<n>``."""
+    def flush(self) -> str | None:
+        """Write what is buffered as the next shard; returns its name (None if empty)."""
         if not self._results:
             return None
-        if name is None:
-            name = f"{self.job_id}-{self._next_shard:05d}"
-            self._next_shard += 1
+        name = shard_name(self.job_id, self._next_shard)
         codes = (
             np.concatenate(self._codes)
             if self._codes
@@ -127,9 +134,12 @@ class ShardWriter:
                 row["shard"], row["row"] = shard_key, str(row_index)
                 row_index += 1
             rows.append(row)
-            self.counts[row["status"]] = self.counts.get(row["status"], 0) + 1
         self.storage.put(f"{PARTS_PREFIX}/{name}.csv", rows_to_csv(rows))
+        # Counted once written: a flush retried after a storage error counts its rows once.
+        for row in rows:
+            self.counts[row["status"]] = self.counts.get(row["status"], 0) + 1
         self._results, self._codes, self._n_codes = [], [], 0
+        self._next_shard += 1
         return name
 
     def row_for(self, result: LoadResult, encoded_at: str) -> Row:

@@ -7,9 +7,11 @@ Python API for scripts::
     print(job.id, job.status().counts)
     final = job.wait(progress=True)
 
-Paths travel relative to an image root (``image_root``, by default ``image_dir``) so that
-a worker on another host resolves them against its own mount (``IMGENC_IMAGE_ROOT``).
-The scan streams: memory stays flat however large the folder.
+Paths travel relative to the image root: the ``image_root`` setting (``IMGENC_IMAGE_ROOT``,
+the same variable the workers read), else the folder being enqueued.  A worker on another
+host resolves them against its own ``IMGENC_IMAGE_ROOT``.  The scan streams: memory stays
+flat however large the folder.  ``final.exit_code()`` is non-zero when the workers could
+not find the images, and ``final.problems()`` says why.
 """
 
 from producer.enqueue import Job, enqueue

@@ -1,9 +1,15 @@
-"""``enqueue()`` and ``Job``: register a job in Redis, send its chunks, follow its progress."""
+"""``enqueue()`` and ``Job``: register a job in Redis, send its chunks, follow its progress.
+
+Chunks are published by task name (``jobs.messages``); the producer never imports the
+worker.  Paths travel relative to the image root: the ``image_root`` setting
+(``IMGENC_IMAGE_ROOT``, read by the workers too), else the folder being enqueued.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -15,10 +21,12 @@ from typing import Any
 from kombu.utils.url import maybe_sanitize_url
 
 from encoder.scan import scan_images
-from encoder.settings import Settings
+from encoder.settings import Settings, process_settings
 from encoder.spec import spec_for
 from encoder.writer import open_destination
-from worker.registry import JobRegistry, JobStatus
+from jobs.celery_app import make_app
+from jobs.messages import ENCODE_CHUNK, FINALIZE_JOB, ChunkMessage, FinalizeMessage
+from jobs.registry import JobRegistry, JobStatus
 
 log = logging.getLogger("imgenc")
 
@@ -47,10 +55,6 @@ class Job:
 
     def status(self) -> JobStatus:
         return self.registry.status(self.id)
-
-    def finished(self) -> bool:
-        """Done and its manifest merged."""
-        return self.status().finished_at is not None
 
     def wait(
         self, progress: bool = False, poll: float = 0.5, timeout: float | None = None
@@ -87,12 +91,18 @@ class Job:
             bar.close()
 
 
-def _relative_ids(image_dir: Path, image_root: Path) -> Iterator[tuple[str, Any]]:
+def relative_prefix(image_dir: Path, image_root: Path) -> str:
+    """Where ``image_dir`` lies under ``image_root`` ("" when they are the same folder)."""
     prefix = os.path.relpath(image_dir, image_root)
-    if prefix == ".":
-        prefix = ""
-    elif prefix.startswith(".."):
-        raise ValueError(f"{image_dir} is not inside the image root {image_root}")
+    if prefix == ".." or prefix.startswith("../"):
+        raise ValueError(
+            f"{image_dir} is not inside the image root {image_root} (IMGENC_IMAGE_ROOT or "
+            "--image-root): paths are sent relative to it, so the folder must lie under it"
+        )
+    return "" if prefix == "." else prefix
+
+
+def _relative_ids(image_dir: Path, prefix: str) -> Iterator[tuple[str, Any]]:
     for entry in scan_images(image_dir):
         rel = f"{prefix}/{entry.id}" if prefix else entry.id
         yield rel, (rel, entry.size, entry.mtime_ns)
@@ -115,56 +125,67 @@ def enqueue(
     ``model`` takes the model settings (``backbone``, ``layout``, ``bits``, ``seed``,
     ``weights``, ``precision``, ``center``); unset ones come from ``IMGENC_*`` variables,
     exactly as the workers read them.  The job records the code spec it expects, and
-    workers with another spec refuse its chunks.
+    workers with another spec refuse its chunks.  Paths are sent relative to
+    ``image_root`` (default: the ``image_root`` setting, else ``image_dir`` itself).
 
     ``stop``, when set (the CLI sets it on Ctrl-C and SIGTERM), ends the enqueueing at the
     next chunk boundary: the job keeps what was sent and ``EnqueueInterrupted`` is raised.
     """
-    from worker.tasks import encode_chunk, finalize_job
-
-    overrides = {"broker_url": broker, "chunk": chunk, "queue": queue, **model}
-    settings = (settings or Settings.from_env()).replace(
-        **{k: v for k, v in overrides.items() if v is not None}
+    settings = (settings or process_settings()).override(
+        {
+            "broker_url": broker,
+            "chunk": chunk,
+            "queue": queue,
+            "image_root": None if image_root is None else str(image_root),
+            **model,
+        }
     )
     image_dir = Path(image_dir).resolve()
-    root = Path(image_root).resolve() if image_root else image_dir
     if not image_dir.is_dir():
         raise NotADirectoryError(f"{image_dir} is not a directory")
+    root = Path(settings.image_root).resolve() if settings.image_root else image_dir
+    prefix = relative_prefix(image_dir, root)
     spec = spec_for(settings)
+    registry = JobRegistry.from_url(settings.broker_url)
+    registry.r.ping()  # an unreachable broker fails here, before anything is written
     _, skip = open_destination(out, spec, settings.center, resume)
 
     job_id = uuid.uuid4().hex[:12]
-    registry = JobRegistry.from_url(settings.broker_url)
-    registry.create(job_id, str(out), spec.to_json(), spec.fingerprint, str(root), settings.queue)
-    app = encode_chunk.app
+    registry.create(
+        job_id,
+        str(out),
+        spec.to_json(),
+        spec.fingerprint,
+        str(root),
+        settings.queue,
+        producer_host=socket.gethostname(),
+    )
+    app = make_app(settings)
     skipped = 0
-    with app.connection_for_write(settings.broker_url) as connection:
+    with app.connection_for_write() as connection:
 
         def send(number: int, paths: list[str]) -> None:
-            encode_chunk.apply_async(
-                kwargs={
-                    "job_id": job_id,
-                    "chunk": number,
-                    "dest": str(out),
-                    "fingerprint": spec.fingerprint,
-                    "paths": paths,
-                },
+            message = ChunkMessage(job_id, number, str(out), spec.fingerprint, paths)
+            app.send_task(
+                ENCODE_CHUNK,
+                kwargs=message.to_kwargs(),
                 queue=settings.queue,
                 connection=connection,
             )
-            registry.add_enqueued(job_id, len(paths))
+            registry.add_enqueued(job_id, len(paths), probe=paths[0] if number == 0 else None)
 
         def finish() -> None:
             registry.finish_scanning(job_id)
-            finalize_job.apply_async(
-                kwargs={"job_id": job_id, "dest": str(out)},
+            app.send_task(
+                FINALIZE_JOB,
+                kwargs=FinalizeMessage(job_id, str(out)).to_kwargs(),
                 queue=settings.queue,
                 connection=connection,
             )
 
         number, paths = 0, []
         try:
-            for rel, key in _relative_ids(image_dir, root):
+            for rel, key in _relative_ids(image_dir, prefix):
                 if key in skip:
                     skipped += 1
                     continue
@@ -185,12 +206,13 @@ def enqueue(
             raise EnqueueInterrupted(job_id, registry.status(job_id).total) from None
         finish()
     log.info(
-        "job %s: %d images in %d chunks enqueued on %s (queue %s)%s",
+        "job %s: %d images in %d chunks enqueued on %s (queue %s, image root %s)%s",
         job_id,
         registry.status(job_id).total,
         number,
         maybe_sanitize_url(settings.broker_url),
         settings.queue,
+        root,
         f", {skipped} already done" if resume else "",
     )
     return Job(job_id, settings.broker_url, str(out))

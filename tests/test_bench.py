@@ -8,7 +8,7 @@ import math
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_bench_quick_runs_every_measurement_and_writes_the_table(tmp_path):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,22 +14,9 @@ import pandas as pd
 import pytest
 
 from encoder.codes import load_codes, read_spec
-from tests.conftest import REPO
-from tests.imagegen import write_jpegs
-
-
-def imgenc(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("IMGENC_")}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "encoder", *args],
-        cwd=REPO,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        **kwargs,
-    )
+from encoder.manifest import csv_to_rows
+from encoder.random_weights import RANDOM_WEIGHTS_ID
+from tests.helpers import REPO, imgenc, photo_like, write_jpegs, written_rows
 
 
 @pytest.fixture
@@ -57,7 +44,7 @@ def test_encode_writes_shards_manifest_and_spec_and_continues_past_bad_files(mix
 
     manifest = pd.read_csv(out / "manifest.csv")
     assert {"path", "sha256", "status", "error", "shard", "row"} <= set(manifest.columns)
-    assert len(manifest) == 9 and manifest["id"].is_unique
+    assert len(manifest) == 9 and written_rows(str(out)) == Counter(manifest["id"])
     assert (manifest.status == "ok").sum() == 6
     assert manifest.loc[manifest.status != "ok", "error"].notna().all()
 
@@ -71,7 +58,7 @@ def test_encode_writes_shards_manifest_and_spec_and_continues_past_bad_files(mix
         "spatial",
         500,
         628,
-        "random",
+        RANDOM_WEIGHTS_ID,
     )
 
 
@@ -107,36 +94,36 @@ def test_flags_can_come_from_imgenc_environment_variables(jpeg_dir, tmp_path):
     assert codes.shape == (6, 16)
 
 
-def test_resume_encodes_only_new_or_changed_images(jpeg_dir, tmp_path):
+def test_resume_encodes_only_new_or_changed_images_and_the_changed_one_gets_its_new_code(
+    jpeg_dir, tmp_path
+):
     out = tmp_path / "o"
-    args = (
-        "encode",
-        str(jpeg_dir),
-        "--out",
-        str(out),
-        "--weights",
-        "random",
-        "--layout",
-        "pooled",
-        "--no-progress",
-    )
-    assert imgenc(*args).returncode == 0
-    _, first_codes = load_codes(out)
+    common = ("--weights", "random", "--layout", "pooled", "--no-progress")
+    assert imgenc("encode", str(jpeg_dir), "--out", str(out), *common).returncode == 0
+    first = dict(zip(*load_codes(out), strict=True))
 
     write_jpegs(jpeg_dir, 2, start=100)  # two new images
     changed = jpeg_dir / "img_00001.jpg"
-    from tests.imagegen import photo_like
-
-    photo_like(999).save(changed)  # a changed one (new size and mtime)
-    run = imgenc(*args, "--resume")
+    photo_like(999).save(changed)  # a changed one (new content, size and mtime)
+    run = imgenc("encode", str(jpeg_dir), "--out", str(out), "--resume", *common)
     assert run.returncode == 0, run.stderr
     assert "done: 3 images" in run.stdout and "5 already done" in run.stdout
-    manifest = pd.read_csv(out / "manifest.csv")
-    assert len(manifest) == 8 and manifest["id"].is_unique
+    written = [
+        r for part in sorted((out / "parts").glob("*.csv")) for r in csv_to_rows(part.read_bytes())
+    ]
+    assert len(written) == 6 + 3  # the first run's rows, then only the three new or changed
+    assert [r["id"] for r in written].count("img_00001.jpg") == 2
+
     ids, codes = load_codes(out)
-    assert len(ids) == 8
-    unchanged = [i for i, name in enumerate(ids) if name in ("img_00000.jpg", "img_00002.jpg")]
-    assert all(codes[i].tobytes() in {c.tobytes() for c in first_codes} for i in unchanged)
+    resumed = dict(zip(ids, codes, strict=True))
+    assert len(resumed) == 8
+    fresh_out = tmp_path / "fresh"
+    assert imgenc("encode", str(jpeg_dir), "--out", str(fresh_out), *common).returncode == 0
+    fresh = dict(zip(*load_codes(fresh_out), strict=True))
+    assert resumed.keys() == fresh.keys()
+    assert all(np.array_equal(resumed[i], fresh[i]) for i in fresh)  # the changed one too
+    assert not np.array_equal(resumed["img_00001.jpg"], first["img_00001.jpg"])
+    assert all(np.array_equal(resumed[i], first[i]) for i in first if i != "img_00001.jpg")
 
 
 def test_destination_with_another_spec_is_refused(jpeg_dir, tmp_path):
@@ -180,7 +167,7 @@ def test_ctrl_c_leaves_only_whole_shards_in_the_manifest_and_resume_finishes(tmp
         [
             sys.executable,
             "-m",
-            "encoder",
+            "imgenc",
             "encode",
             str(images),
             "--out",
@@ -224,7 +211,9 @@ def test_ctrl_c_leaves_only_whole_shards_in_the_manifest_and_resume_finishes(tmp
     )
     assert run.returncode == 0, run.stderr
     manifest = pd.read_csv(out / "manifest.csv")
-    assert len(manifest) == 60 and manifest["id"].is_unique and (manifest.status == "ok").all()
+    assert len(manifest) == 60 and (manifest.status == "ok").all()
+    written = written_rows(str(out))  # the interrupted run's rows, then the rest: none twice
+    assert sum(written.values()) == 60 and set(written.values()) == {1}
 
 
 def test_show_draws_the_image_beside_its_bit_matrix(jpeg_dir, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from encoder.settings import Settings
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
@@ -68,7 +68,7 @@ def test_every_imgenc_variable_in_compose_is_a_setting_the_code_reads():
 def test_producer_is_a_one_off_whose_command_is_a_real_imgenc_subcommand():
     producer = SERVICES["producer"]
     assert producer.get("profiles") == ["tools"]
-    from encoder.cli import build_parser
+    from imgenc.cli import build_parser
 
     command = _command("producer")
     assert command[0] == "imgenc"

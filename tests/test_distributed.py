@@ -15,9 +15,19 @@ import pytest
 
 from encoder.codes import load_codes
 from encoder.manifest import csv_to_rows
-from tests.imagegen import write_jpegs
-from tests.services import REPO, CeleryWorker, RedisServer, SeaweedS3, wait_for, worker_env
-from tests.test_cli_encode import imgenc
+from tests.helpers import (
+    REPO,
+    CeleryWorker,
+    RedisServer,
+    SeaweedS3,
+    chunk_completions,
+    imgenc,
+    make_settings,
+    wait_for,
+    worker_env,
+    write_jpegs,
+    written_rows,
+)
 
 STUB = {"backbone": "stub", "weights": "random"}
 
@@ -51,6 +61,15 @@ def aws_env(s3, monkeypatch):
         monkeypatch.setenv(key, value)
 
 
+def send_chunk(broker_url: str, **kwargs) -> None:
+    """Publish an ``imgenc.encode_chunk`` message by name, as the producer does."""
+    from jobs.celery_app import make_app
+    from jobs.messages import ENCODE_CHUNK
+
+    app = make_app(make_settings(broker_url=broker_url))
+    app.send_task(ENCODE_CHUNK, kwargs=kwargs, queue="imgenc")
+
+
 def images(tmp_path: Path, n: int, bad: bool = True) -> Path:
     folder = tmp_path / "images"
     write_jpegs(folder, n)
@@ -73,12 +92,13 @@ def test_job_to_a_local_directory_gives_a_complete_manifest_that_matches_the_sta
     assert final.counts == {"empty": 1, "not_an_image": 1, "ok": 10}
 
     manifest = pd.read_csv(out / "manifest.csv")
-    assert len(manifest) == 12 and manifest["id"].is_unique
+    assert len(manifest) == 12
+    assert written_rows(str(out)) == dict.fromkeys(manifest["id"], 1)  # each image written once
+    assert chunk_completions([worker.text()], job.id) == {0: 1, 1: 1, 2: 1}
     assert manifest.status.value_counts().to_dict() == final.counts
     assert (manifest.job_id == job.id).all() and manifest.worker_host.notna().all()
     ids, codes = load_codes(out)
     assert len(ids) == 10 and codes.shape == (10, 3063)
-    assert f"job {job.id} chunk 2" in worker.text()
 
 
 def test_job_to_s3_writes_shards_and_manifest_that_load_codes_reads(
@@ -96,10 +116,9 @@ def test_job_to_s3_writes_shards_and_manifest_that_load_codes_reads(
     ids, codes = load_codes(dest)
     assert len(ids) == 7 and codes.shape == (7, 3063)
     local = tmp_path / "local"
-    from encoder.local_run import encode_folder
-    from encoder.settings import Settings
+    from encoder.folder_run import encode_folder
 
-    encode_folder(folder, str(local), Settings.from_env(STUB, environ={}), progress=False)
+    encode_folder(folder, str(local), make_settings(**STUB), progress=False)
     local_ids, local_codes = load_codes(local)
     assert list(local_ids) == list(ids) and (local_codes == codes).all()
 
@@ -124,10 +143,13 @@ def test_two_workers_share_a_job_without_any_image_twice(redis_server, s3, tmp_p
         )
         final = job.wait(timeout=180)
         manifest = pd.read_csv(out / "manifest.csv")
-        assert len(manifest) == 60 and manifest["id"].is_unique and final.counts == {"ok": 60}
+        assert len(manifest) == 60 and final.counts == {"ok": 60}
+        assert written_rows(str(out)) == dict.fromkeys(manifest["id"], 1)
+        completions = chunk_completions([w.text() for w in workers], job.id)
+        assert completions == dict.fromkeys(range(30), 1)  # no chunk ran twice
         parts = list((out / "parts").glob("*.csv"))
         assert len(parts) == 30
-        assert all(f"job {job.id} chunk" in w.text() for w in workers), "both workers took chunks"
+        assert all(chunk_completions([w.text()], job.id) for w in workers), "both took chunks"
     finally:
         for w in workers:
             w.stop()
@@ -135,7 +157,7 @@ def test_two_workers_share_a_job_without_any_image_twice(redis_server, s3, tmp_p
 
 def test_resume_enqueues_only_what_a_partial_job_left_undone(redis_server, worker, tmp_path):
     import producer
-    from worker.registry import JobRegistry
+    from jobs.registry import JobRegistry
 
     folder = images(tmp_path, 12, bad=False)
     out = tmp_path / "out"
@@ -160,7 +182,8 @@ def test_resume_enqueues_only_what_a_partial_job_left_undone(redis_server, worke
     final = resumed.wait(timeout=120)
     assert final.total == 12 - partial.processed
     manifest = pd.read_csv(out / "manifest.csv")
-    assert len(manifest) == 12 and manifest["id"].is_unique and (manifest.status == "ok").all()
+    assert len(manifest) == 12 and (manifest.status == "ok").all()
+    assert written_rows(str(out)) == dict.fromkeys(manifest["id"], 1)  # none encoded twice
     assert set(manifest.job_id) == {job.id, resumed.id}
 
 
@@ -168,7 +191,6 @@ def test_paths_escaping_the_image_root_are_refused_with_their_own_status(
     redis_server, worker, tmp_path
 ):
     import producer
-    from worker.tasks import encode_chunk
 
     folder = images(tmp_path, 2, bad=False)
     secret = tmp_path / "secret.jpg"
@@ -178,18 +200,14 @@ def test_paths_escaping_the_image_root_are_refused_with_their_own_status(
     out = tmp_path / "out"
     job = producer.enqueue(folder, str(out), broker=redis_server.url, chunk=10, **STUB)
     job.wait(timeout=60)
-    with encode_chunk.app.connection_for_write(redis_server.url) as conn:
-        encode_chunk.apply_async(
-            kwargs={
-                "job_id": job.id,
-                "chunk": 99,
-                "dest": str(out),
-                "fingerprint": job.registry.job(job.id)["fingerprint"],
-                "paths": ["../secret.jpg", str(secret), "sub/../../secret.jpg", "img_00000.jpg"],
-            },
-            connection=conn,
-            queue="imgenc",
-        )
+    send_chunk(
+        redis_server.url,
+        job_id=job.id,
+        chunk=99,
+        dest=str(out),
+        fingerprint=job.registry.job(job.id)["fingerprint"],
+        paths=["../secret.jpg", str(secret), "sub/../../secret.jpg", "img_00000.jpg"],
+    )
     part = out / "parts" / f"{job.id}-000099.csv"
     wait_for(part.exists, 60, "the hostile chunk's part")
     rows = {r["id"]: r for r in csv_to_rows(part.read_bytes())}
@@ -251,20 +269,16 @@ def test_worker_with_another_spec_refuses_the_jobs_chunks(redis_server, worker, 
 
 
 def test_oversized_argument_list_is_refused_and_logged(redis_server, worker, tmp_path):
-    from worker.tasks import MAX_PATHS_PER_TASK, encode_chunk
+    from jobs.messages import MAX_PATHS_PER_CHUNK
 
-    with encode_chunk.app.connection_for_write(redis_server.url) as conn:
-        encode_chunk.apply_async(
-            kwargs={
-                "job_id": "abc123",
-                "chunk": 0,
-                "dest": str(tmp_path / "o"),
-                "fingerprint": "x",
-                "paths": ["a.jpg"] * (MAX_PATHS_PER_TASK + 1),
-            },
-            connection=conn,
-            queue="imgenc",
-        )
+    send_chunk(
+        redis_server.url,
+        job_id="abc123",
+        chunk=0,
+        dest=str(tmp_path / "o"),
+        fingerprint="x",
+        paths=["a.jpg"] * (MAX_PATHS_PER_CHUNK + 1),
+    )
     wait_for(lambda: "refusing malformed chunk message" in worker.text(), 30, "the refusal")
     assert not (tmp_path / "o").exists()
 
@@ -312,7 +326,7 @@ def test_flower_shows_the_tasks_with_readable_names_and_arguments_behind_basic_a
     import urllib.request
 
     import producer
-    from tests.services import BIN, free_port
+    from tests.helpers import BIN, free_port
 
     port = free_port()
     env = worker_env(redis_server.url)
@@ -409,7 +423,10 @@ def test_killed_worker_process_gets_its_chunk_redelivered_and_nothing_is_lost(
         final = job.wait(timeout=300)
         assert final.counts == {"ok": 24}
         manifest = pd.read_csv(tmp_path / "out" / "manifest.csv")
-        assert len(manifest) == 24 and manifest["id"].is_unique
+        assert len(manifest) == 24
+        assert written_rows(str(tmp_path / "out")) == dict.fromkeys(manifest["id"], 1)
+        assert chunk_completions([w.text()], job.id) == {0: 1, 1: 1, 2: 1}
+        assert final.reruns >= 1
         log = w.text()
         assert "WorkerLostError" in log or "exited with 'signal 9" in log
         assert "lost deliveries; encoding one image at a time" in log

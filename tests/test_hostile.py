@@ -8,6 +8,7 @@ to it."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -23,11 +24,18 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tests.imagegen import photo_like
-from tests.services import CeleryWorker, free_port, wait_for, worker_env
-from tests.test_cli_encode import imgenc
-
-STUB = {"backbone": "stub", "weights": "random"}
+from jobs.registry import JobRegistry
+from tests.helpers import (
+    STUB,
+    CeleryWorker,
+    free_port,
+    imgenc,
+    photo_like,
+    port_open,
+    wait_for,
+    worker_env,
+    write_jpegs,
+)
 
 
 def _png(width: int, height: int) -> bytes:
@@ -146,7 +154,6 @@ def test_every_kind_of_hostile_file_gets_its_own_status_and_the_job_completes(
     redis_server, world_readable_tmp, tmp_path
 ):
     import producer
-    from worker.registry import JobRegistry
 
     images, outside, out, home = (
         world_readable_tmp / n for n in ("images", "outside", "out", "home")
@@ -328,59 +335,78 @@ def _certificates(folder: Path) -> dict[str, Path]:
     return {"ca": ca, "key": key, "cert": cert}
 
 
-def test_a_job_runs_over_rediss_with_a_password_and_a_verified_certificate(tmp_path):
-    import producer
-
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    certs = _certificates(tmp_path / "certs")
-    port, password = free_port(), "tls-secret-pw"
+@contextlib.contextmanager
+def tls_redis(certs: dict[str, Path], password: str):
+    """A redis-server that speaks TLS only, with a password; yields its port."""
+    port = free_port()
     redis = subprocess.Popen(
         [
-            "redis-server",
-            "--port",
-            "0",
-            "--tls-port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--tls-cert-file",
-            str(certs["cert"]),
-            "--tls-key-file",
-            str(certs["key"]),
-            "--tls-ca-cert-file",
-            str(certs["ca"]),
-            "--tls-auth-clients",
-            "no",
-            "--requirepass",
-            password,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
+            "redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+            "--tls-cert-file", str(certs["cert"]), "--tls-key-file", str(certs["key"]),
+            "--tls-ca-cert-file", str(certs["ca"]), "--tls-auth-clients", "no",
+            "--requirepass", password, "--save", "", "--appendonly", "no",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
-    )
-    url = (
-        f"rediss://:{password}@127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={certs['ca']}"
-    )
+    )  # fmt: skip
     try:
-        from tests.services import _port_open
+        wait_for(lambda: port_open(port), 15, "redis over TLS")
+        yield port
+    finally:
+        redis.kill()
+        redis.wait(10)
 
-        wait_for(lambda: _port_open(port), 15, "redis over TLS")
+
+def _rediss_url(password: str, port: int, ca: Path) -> str:
+    return f"rediss://:{password}@127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={ca}"
+
+
+@pytest.fixture
+def certificates(tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    return _certificates(tmp_path / "certs")
+
+
+def test_a_job_runs_over_rediss_with_a_password_and_a_verified_certificate(certificates, tmp_path):
+    import producer
+
+    password = "tls-secret-pw"
+    with tls_redis(certificates, password) as port:
+        url = _rediss_url(password, port, certificates["ca"])
         w = CeleryWorker(worker_env(url), tmp_path / "worker.log").start()
         try:
-            from tests.imagegen import write_jpegs
-
             write_jpegs(tmp_path / "images", 5)
             job = producer.enqueue(tmp_path / "images", str(tmp_path / "out"), broker=url, **STUB)
             final = job.wait(timeout=60)
         finally:
             w.stop()
-        assert final.counts == {"ok": 5}
-        assert password not in w.text()
-        assert json.dumps(final.to_dict()).find(password) == -1
-    finally:
-        redis.kill()
-        redis.wait(10)
+    assert final.counts == {"ok": 5}
+    assert password not in w.text()
+    assert json.dumps(final.to_dict()).find(password) == -1
+
+
+def test_a_server_certificate_from_another_ca_is_refused_by_producer_and_worker(
+    certificates, tmp_path
+):
+    other_ca = _certificates(tmp_path / "other")["ca"]  # a CA that did not sign the server
+    password = "tls-secret-pw"
+    with tls_redis(certificates, password) as port:
+        url = _rediss_url(password, port, other_ca)
+        w = CeleryWorker(worker_env(url), tmp_path / "worker.log").start(wait=False)
+        try:
+            write_jpegs(tmp_path / "images", 2)
+            run = imgenc(
+                "enqueue", str(tmp_path / "images"), "--out", str(tmp_path / "out"),
+                env={"IMGENC_BROKER_URL": url, "IMGENC_WEIGHTS": "random"},
+            )  # fmt: skip
+            wait_for(lambda: "certificate verify failed" in w.text(), 60, "the worker's refusal")
+            assert " ready." not in w.text()  # it never started consuming
+        finally:
+            w.stop()
+        good = JobRegistry.from_url(_rediss_url(password, port, certificates["ca"]))
+        assert good.recent() == []  # the producer registered nothing
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "certificate verify failed" in run.stderr and "cannot reach the broker" in run.stderr
+    assert password not in run.stderr + w.text()
+    assert not (tmp_path / "out").exists()

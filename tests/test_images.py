@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from encoder.images import ImageLoader, ImageStatus, to_rgb
-from tests.imagegen import photo_like
+from tests.helpers import photo_like
 
 S = ImageStatus
 

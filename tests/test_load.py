@@ -8,16 +8,17 @@ import time
 
 import pytest
 
-from tests.audit import audit
-from tests.imagegen import write_jpegs
-from tests.services import (
+from jobs.registry import JobRegistry
+from tests.helpers import (
     CeleryWorker,
+    audit,
+    chunk_completions,
     producer_peak_rss_kb,
     touch_files,
     wait_for,
     worker_env,
+    write_jpegs,
 )
-from worker.registry import JobRegistry
 
 
 @pytest.mark.parametrize(
@@ -54,21 +55,27 @@ def test_many_images_through_two_workers_complete_once_each_with_flat_worker_mem
                 samples.append((processed, [w.child_rss_kb() for w in workers]))
                 time.sleep(0.05)
 
+        children = [w.child_pids() for w in workers]
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         start = time.monotonic()
         final = job.wait(timeout=600)
         seconds = time.monotonic() - start
+        stop.set()
+        sampler.join()
+        # Read while the workers are alive and idle, before any of them starts shutting down,
+        # and from the same pool processes that were sampled during the job.
+        at_the_end = [w.child_rss_kb() for w in workers]
+        assert [w.child_pids() for w in workers] == children, "a pool process was replaced"
     finally:
         stop.set()
         for w in workers:
             w.stop()
     after_first_1000 = next(rss for processed, rss in samples if processed >= 1000)
-    at_the_end = samples[-1][1]
     growth_mib = [
         (end - first) / 1024 for first, end in zip(after_first_1000, at_the_end, strict=True)
     ]
-    figures = audit(str(out), names, registry, [job.id])
+    figures = audit(str(out), names, registry, [job.id], [w.text() for w in workers])
     figures.update(
         test=f"load: {n_images:,} images, 2 workers (stub)",
         faults_injected=0,
@@ -78,9 +85,11 @@ def test_many_images_through_two_workers_complete_once_each_with_flat_worker_mem
     )
     reliability.append(figures)
     assert final.counts == {"ok": n_images}
-    assert figures["lost"] == 0 and figures["duplicate_rows"] == 0
-    assert figures["manifest_rows"] == n_images
-    assert all(f"job {job.id} chunk" in w.text() for w in workers), "both workers took chunks"
+    assert figures["lost"] == 0 and figures["manifest_rows"] == n_images
+    assert figures["rows_written_in_parts"] == n_images and figures["images_written_twice"] == 0
+    assert figures["chunk_completions_logged"] == figures["chunks"] == n_images // 100
+    assert figures["chunks_completed_twice"] == 0 and figures["re_executions"] == 0
+    assert all(chunk_completions([w.text()], job.id) for w in workers), "both took chunks"
     assert max(growth_mib) < 25, f"worker RSS grew by {growth_mib} MiB"
 
 

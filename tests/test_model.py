@@ -15,8 +15,7 @@ from encoder.images import ImageLoader
 from encoder.planes import hyperplanes, planes_sha256
 from encoder.settings import Settings
 from encoder.spec import spec_for
-from tests.conftest import REPO, get_encoder
-from tests.imagegen import write_jpegs
+from tests.helpers import REPO, get_encoder, write_jpegs
 
 
 def _pixels(folder: Path, names: list[str], size: int = 224) -> np.ndarray:
@@ -98,7 +97,7 @@ def test_saving_and_reloading_the_model_gives_identical_codes(batch, tmp_path):
     assert np.array_equal(reloaded(batch.astype("float32")).numpy(), enc.bits(batch))
 
 
-def test_codes_are_identical_across_two_processes(batch, tmp_path):
+def test_a_weights_file_gives_identical_codes_in_processes_with_different_tf_seeds(batch, tmp_path):
     np.save(tmp_path / "pixels.npy", batch)
     script = (
         "import sys, numpy as np; sys.path.insert(0, sys.argv[3]);"
@@ -129,6 +128,113 @@ def test_codes_are_identical_across_two_processes(batch, tmp_path):
         outputs.append(np.load(out))
     assert np.array_equal(outputs[0], outputs[1])
     assert np.array_equal(outputs[0], get_encoder(layout="pooled").encode(batch))
+
+
+# Every backbone and layout, encoded with --weights random in a fresh process.
+_RANDOM_WEIGHTS_SCRIPT = """
+import sys
+import numpy as np
+import keras
+sys.path.insert(0, sys.argv[1])
+from encoder.images import ImageLoader
+from encoder.model import Encoder
+from encoder.settings import Settings
+
+keras.utils.set_random_seed(int(sys.argv[4]))  # a different TF/Keras seed in each process
+names = sys.argv[5:]
+codes = {}
+for backbone in ("vgg16", "vgg19", "inception_v3", "xception", "stub"):
+    for layout in ("spatial", "pooled"):
+        settings = Settings.from_env(
+            {"weights": "random", "backbone": backbone, "layout": layout}, environ={}
+        )
+        enc = Encoder(settings)
+        loader = ImageLoader(sys.argv[2], enc.input_size)
+        pixels = np.stack([loader.load(n).pixels for n in names])
+        codes[f"{backbone}-{layout}"] = enc.encode(pixels)
+np.savez(sys.argv[3], **codes)
+"""
+
+
+def test_random_weights_give_identical_codes_in_separate_processes_for_every_backbone_and_layout(
+    tmp_path,
+):
+    names = write_jpegs(tmp_path / "images", 2)
+    procs = []
+    for run in (1, 2):
+        out = tmp_path / f"codes{run}.npz"
+        command = [sys.executable, "-c", _RANDOM_WEIGHTS_SCRIPT, str(REPO)]
+        command += [str(tmp_path / "images"), str(out), str(run), *names]
+        procs.append((out, subprocess.Popen(command, stderr=subprocess.PIPE, text=True)))
+    results = []
+    for out, proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        results.append(np.load(out))
+    first, second = results
+    assert len(first.files) == 10
+    for key in first.files:
+        assert first[key].shape[0] == 2 and np.array_equal(first[key], second[key]), key
+        assert not np.array_equal(first[key][0], first[key][1]), key  # image-dependent
+    here = get_encoder(layout="pooled").encode(_pixels(tmp_path / "images", names))
+    assert np.array_equal(here, first["vgg16-pooled"])  # and the same as in this process
+
+
+def test_random_weights_are_recorded_in_the_spec_with_the_seed_that_draws_them():
+    from encoder.random_weights import RANDOM_WEIGHTS_ID
+
+    spec = spec_for(Settings.from_env({"weights": "random", "seed": 7}, environ={}))
+    assert spec.weights == RANDOM_WEIGHTS_ID and spec.seed == 7
+    other = spec_for(Settings.from_env({"weights": "random", "seed": 8}, environ={}))
+    assert spec.fingerprint != other.fingerprint
+
+
+def test_random_weights_depend_on_the_seed(batch):
+    a = get_encoder(layout="pooled").model.get_layer("vgg16").weights[0].numpy()
+    b = get_encoder(layout="pooled", seed=1).model.get_layer("vgg16").weights[0].numpy()
+    assert a.shape == b.shape and not np.array_equal(a, b)
+
+
+def _projection_oracle(enc, pixels: np.ndarray, center: np.ndarray | None = None):
+    """The code bits computed outside the hashing layer: the backbone's raw feature map,
+    flattened row-major over positions, minus the centre, times the hyperplanes, > 0."""
+    import keras
+
+    hashing = enc.model.get_layer("hyperplane_hashing")
+    extractor = keras.Model(enc.model.input, hashing.input)
+    features = np.asarray(extractor(pixels.astype("float32"), training=False), np.float64)
+    if features.ndim == 4:
+        n, h, w, c = features.shape
+        features = features.reshape(n, h * w, c)
+    if center is not None:
+        features = features - center
+    planes = hyperplanes(features.shape[-1], enc.settings.bits, enc.settings.seed)
+    projection = features @ planes.astype(np.float64)
+    return projection > 0, np.abs(projection)
+
+
+@pytest.mark.parametrize("layout", ["spatial", "pooled"])
+@pytest.mark.parametrize("centred", [False, True], ids=["raw", "centred"])
+def test_code_bits_equal_the_sign_of_features_times_hyperplanes_computed_outside_the_layer(
+    batch, tmp_path, layout, centred
+):
+    center = None
+    overrides = {"layout": layout}
+    if centred:
+        rng = np.random.RandomState(3)
+        center = rng.uniform(0, 0.5, 512).astype(np.float32)
+        np.save(tmp_path / "center.npy", center)
+        overrides["center"] = str(tmp_path / "center.npy")
+    enc = get_encoder(**overrides)
+    bits = enc.bits(batch)
+    expected, margin = _projection_oracle(enc, batch, center)
+    assert bits.shape == expected.shape
+    differ = bits.astype(bool) != expected
+    # float32 in the layer against float64 here: only projections at the sign boundary
+    # may round differently.
+    scale = float(np.median(margin))
+    assert differ.mean() < 1e-3 and (margin[differ] < 1e-4 * scale).all()
+    assert 0.05 < expected.mean() < 0.95  # the bits are not all on one side
 
 
 def test_weights_file_is_identified_by_its_sha256(tmp_path):

@@ -1,9 +1,10 @@
-"""What a worker process holds: the model (loaded once, at process start), the loader
-settings, the registry connection and the storage clients.
+"""What a worker process holds: the model (loaded once, at process start), its settings
+(``process_settings()``, the same object the Celery app was built from), the registry
+connection, the decode watchdog and the storage clients.
 
 TensorFlow is not fork-safe, so under the prefork pool the model is built in each child
 (``worker_process_init``), never in the parent; under ``--pool solo`` or ``threads`` it is
-built when the worker starts (``worker_init``).
+built in the worker's own process once its logging is set up (``worker_ready``).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from typing import Any
 
 import numpy as np
 from celery import concurrency
-from celery.signals import worker_init, worker_process_init
+from celery.signals import worker_process_init, worker_ready
 
-from encoder.settings import Settings
+from encoder.settings import Settings, process_settings
 from encoder.storage import Storage, open_storage
-from worker.registry import JobRegistry
+from jobs.registry import JobRegistry
+from worker.image_root import ImageRoot
 from worker.watchdog import DecodeWatchdog
 
 log = logging.getLogger("imgenc.worker")
@@ -33,6 +35,7 @@ class WorkerState:
     encoder: Any
     registry: JobRegistry
     watchdog: DecodeWatchdog
+    image_root: ImageRoot
     storages: dict[str, Storage] = field(default_factory=dict)
 
     def storage(self, dest: str) -> Storage:
@@ -51,7 +54,7 @@ def get_state() -> WorkerState:
         if _state is None:
             from encoder.model import Encoder
 
-            settings = Settings.from_env()
+            settings = process_settings()
             start = time.monotonic()
             encoder = Encoder(settings)
             size = encoder.input_size
@@ -72,6 +75,7 @@ def get_state() -> WorkerState:
                 encoder,
                 JobRegistry.from_url(settings.broker_url),
                 DecodeWatchdog(settings.image_time_limit),
+                ImageRoot(settings.image_root),
             )
         return _state
 
@@ -81,8 +85,8 @@ def _load_in_child(**_: Any) -> None:
     get_state()
 
 
-@worker_init.connect
+@worker_ready.connect
 def _load_in_main_unless_prefork(sender: Any = None, **_: Any) -> None:
-    pool = concurrency.get_implementation(getattr(sender, "pool_cls", "prefork"))
-    if not pool.__module__.endswith("prefork"):
+    pool = getattr(getattr(sender, "controller", None), "pool_cls", "prefork")
+    if not concurrency.get_implementation(pool).__module__.endswith("prefork"):
         get_state()

@@ -1,21 +1,23 @@
 """The Celery tasks: ``imgenc.encode_chunk`` (a chunk of image paths to one shard) and
 ``imgenc.finalize_job`` (merge the manifest once every chunk is in).
 
-A chunk message names its job, its number, the destination, the spec fingerprint the job
-expects and up to ``MAX_PATHS_PER_TASK`` paths relative to the image root.  The worker:
+A chunk message (``jobs.messages.ChunkMessage``) names its job, its number, the
+destination, the spec fingerprint the job expects and the paths, relative to the image
+root.  The worker:
 
 1. refuses malformed messages (logged, dropped);
-2. counts the delivery; the first one runs the fast path (decode-ahead thread pool, batched
-   model calls); a later delivery of a chunk that was not recorded means a worker died on
-   it, so it runs *carefully*: one image at a time, noting in Redis which image is in hand.
-   An image in hand when a worker died ``max_strikes`` times is marked ``failed`` instead
-   of killing workers forever;
+2. counts the delivery.  The first one runs the ``Runner`` as ``imgenc encode`` does
+   (decode-ahead thread pool, batched model calls).  A later delivery of a chunk that
+   was not recorded means a worker died on it, so it runs *carefully*: one image at a
+   time, noting in Redis which image is in hand.  An image in hand when a worker died
+   ``max_strikes`` times is marked ``failed`` instead of killing workers forever;
 3. refuses, with status ``spec_mismatch`` for every image, a job made for another spec;
-4. writes one shard and its manifest part under keys derived from job and chunk (a
-   redelivered chunk overwrites them), retrying storage errors with backoff;
-5. records the chunk's counts in the registry, and merges the manifest when it is the last.
+4. writes one shard and its manifest part named after the job and chunk (a redelivered
+   chunk overwrites them), retrying storage errors with backoff;
+5. records the chunk's counts in the registry, and merges the manifest when it is the
+   last; when images were ``missing``, checks once per job whether the image roots agree.
 
-Registry (Redis) errors are retried.  Any other unexpected error is retried
+Registry (Redis) errors requeue the chunk.  Any other unexpected error is retried
 ``MAX_ERROR_RETRIES`` times with backoff, then every image of the chunk is written as
 ``failed`` with the error, so that no image is ever left without a manifest row.
 """
@@ -23,177 +25,188 @@ Registry (Redis) errors are retried.  Any other unexpected error is retried
 from __future__ import annotations
 
 import logging
-import os
 import socket
-import time
 from typing import Any
 
-import numpy as np
 from celery.exceptions import Reject, Retry
 from celery.utils.log import get_task_logger
 from redis.exceptions import RedisError
 
 from encoder.images import ImageLoader, ImageStatus, LoadResult
 from encoder.manifest import merge_manifest
-from encoder.pipeline import encode_stream
+from encoder.runner import Runner
 from encoder.spec import CodeSpec
 from encoder.storage import StorageError
 from encoder.writer import ShardWriter
+from jobs.messages import (
+    ENCODE_CHUNK,
+    FINALIZE_JOB,
+    ChunkMessage,
+    FinalizeMessage,
+    MalformedMessage,
+)
+from jobs.registry import JobRegistry
+from worker import leases  # noqa: F401  (connects the lease keeper to worker start)
 from worker.app import app
 from worker.retries import STORAGE_BACKOFF, TASK_RETRY_COUNTDOWN
 from worker.state import WorkerState, get_state
 from worker.watchdog import WatchedLoader
 
 log: logging.Logger = get_task_logger("imgenc.worker")
-MAX_PATHS_PER_TASK = 10_000
-MAX_PATH_LENGTH = 4096
 MAX_ERROR_RETRIES = 3  # unexpected errors: retried this often, then the images are `failed`
 
 
-def _chunk_writer(state: WorkerState, job_id: str, dest: str) -> ShardWriter:
-    """A writer that flushes only when told: one shard per chunk."""
-    return ShardWriter(
-        state.storage(dest), state.encoder.spec, job_id, shard_size=0, host=socket.gethostname()
-    )
+class ChunkSink:
+    """The chunk's ``ShardWriter`` (one shard, named after the chunk), whose flush is
+    retried with the storage backoff."""
 
-
-def shard_name(job_id: str, chunk: int) -> str:
-    return f"{job_id}-{chunk:06d}"
-
-
-def _validate(job_id: Any, chunk: Any, dest: Any, fingerprint: Any, paths: Any) -> None:
-    problems = []
-    if not isinstance(job_id, str) or not job_id.isalnum() or len(job_id) > 64:
-        problems.append("bad job id")
-    if not isinstance(chunk, int) or chunk < 0:
-        problems.append("bad chunk number")
-    if not isinstance(dest, str) or not dest:
-        problems.append("bad destination")
-    if not isinstance(fingerprint, str):
-        problems.append("bad fingerprint")
-    if not isinstance(paths, list):
-        problems.append("paths is not a list")
-    elif len(paths) > MAX_PATHS_PER_TASK:
-        problems.append(f"{len(paths)} paths is over the {MAX_PATHS_PER_TASK} limit")
-    elif not all(isinstance(p, str) and 0 < len(p) <= MAX_PATH_LENGTH for p in paths):
-        problems.append("a path is not a non-empty string")
-    if problems:
-        log.error(
-            "refusing malformed chunk message (job %r chunk %r): %s",
-            str(job_id)[:64],
-            chunk,
-            "; ".join(problems),
+    def __init__(self, state: WorkerState, message: ChunkMessage) -> None:
+        self.writer = ShardWriter(
+            state.storage(message.dest),
+            state.encoder.spec,
+            message.job_id,
+            shard_size=0,
+            host=socket.gethostname(),
+            first_shard=message.chunk,
         )
-        raise Reject("; ".join(problems), requeue=False)
+        self.what = f"job {message.job_id} chunk {message.chunk}"
+
+    def add(self, results: list[LoadResult], codes: Any) -> None:
+        self.writer.add(results, codes)
+
+    def flush(self) -> str | None:
+        return STORAGE_BACKOFF.run(self.writer.flush, what=self.what)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.writer.counts
+
+
+class NotingLoader:
+    """A loader that notes in the registry which image is in hand before loading it."""
+
+    def __init__(self, loader: Any, registry: JobRegistry, job_id: str, chunk: int) -> None:
+        self.loader, self.registry, self.job_id, self.chunk = loader, registry, job_id, chunk
+
+    def load(self, image_id: str) -> LoadResult:
+        self.registry.set_current(self.job_id, self.chunk, image_id)
+        return self.loader.load(image_id)
 
 
 def _refuse_mismatched_spec(
-    state: WorkerState,
-    job_id: str,
-    chunk: int,
-    fingerprint: str,
-    paths: list[str],
-    writer: ShardWriter,
+    state: WorkerState, message: ChunkMessage, job: dict[str, str], sink: ChunkSink
 ) -> None:
     mine = state.encoder.spec
     detail = ""
     try:
-        expected = CodeSpec.from_json(state.registry.job(job_id)["spec"])
+        expected = CodeSpec.from_json(job["spec"])
         detail = "; ".join(
             f"{k}: job {b!r}, worker {a!r}" for k, (a, b) in mine.differences(expected).items()
         )
     except (KeyError, ValueError):
         pass
-    reason = f"worker spec {mine.fingerprint} differs from the job's {fingerprint}"
+    reason = f"worker spec {mine.fingerprint} differs from the job's {message.fingerprint}"
     log.error(
         "job %s chunk %d: refusing %d images: %s%s",
-        job_id,
-        chunk,
-        len(paths),
+        message.job_id,
+        message.chunk,
+        len(message.paths),
         reason,
         f" ({detail})" if detail else "",
     )
     results = [
-        LoadResult(id=p, path="", status=ImageStatus.SPEC_MISMATCH, error=reason) for p in paths
+        LoadResult(id=p, path="", status=ImageStatus.SPEC_MISMATCH, error=reason)
+        for p in message.paths
     ]
-    writer.add(results, np.zeros((0, mine.bytes_per_code), np.uint8))
+    sink.add(results, state.encoder.empty_codes)
+    sink.flush()
 
 
-def _encode_fast(
-    state: WorkerState, loader: ImageLoader, paths: list[str], writer: ShardWriter
-) -> None:
-    settings = state.settings
-    for results, codes in encode_stream(
-        paths,
-        loader,
-        state.encoder.encode,
-        settings.batch,
-        settings.decode_threads,
-        bytes_per_code=state.encoder.spec.bytes_per_code,
-    ):
-        writer.add(results, codes)
-
-
-def _encode_carefully(
-    state: WorkerState,
-    loader: ImageLoader,
-    job_id: str,
-    chunk: int,
-    paths: list[str],
-    writer: ShardWriter,
-) -> None:
+def _struck_out(state: WorkerState, message: ChunkMessage, root: str, sink: ChunkSink) -> list[str]:
+    """Write ``failed`` rows for the images that killed workers too often; return the rest."""
     registry, limit = state.registry, state.settings.max_strikes
-    left = registry.strike_left_behind(job_id, chunk)
+    left = registry.strike_left_behind(message.job_id, message.chunk)
     if left:
         log.warning(
             "job %s chunk %d: a worker died while on %r (strike %d of %d)",
-            job_id,
-            chunk,
+            message.job_id,
+            message.chunk,
             left[0],
             left[1],
             limit,
         )
-    strikes = registry.strikes(job_id, paths)
-    empty = np.zeros((0, state.encoder.spec.bytes_per_code), np.uint8)
-    for image_id in paths:
-        if strikes.get(image_id, 0) >= limit:
-            reason = (
-                f"the worker died {strikes[image_id]} times while this image was in hand "
-                "(crash, memory or time limit); given up"
-            )
-            log.error("job %s chunk %d: %r failed: %s", job_id, chunk, image_id, reason)
-            failed = LoadResult(
-                id=image_id,
-                path=str(loader.root / image_id),
-                status=ImageStatus.FAILED,
-                error=reason,
-            )
-            writer.add([failed], empty)
+    strikes = registry.strikes(message.job_id, message.paths)
+    remaining = []
+    for image_id in message.paths:
+        if strikes.get(image_id, 0) < limit:
+            remaining.append(image_id)
             continue
-        registry.set_current(job_id, chunk, image_id)
-        result = loader.load(image_id)
-        codes = state.encoder.encode(result.pixels[None]) if result.ok else empty
-        result.pixels = None
-        writer.add([result], codes)
-    registry.set_current(job_id, chunk, None)
+        reason = (
+            f"the worker died {strikes[image_id]} times while this image was in hand "
+            "(crash, memory or time limit); given up"
+        )
+        log.error("job %s chunk %d: %r failed: %s", message.job_id, message.chunk, image_id, reason)
+        failed = LoadResult(
+            id=image_id,
+            path=f"{root.rstrip('/')}/{image_id}",
+            status=ImageStatus.FAILED,
+            error=reason,
+        )
+        sink.add([failed], state.encoder.empty_codes)
+    return remaining
 
 
-@app.task(name="imgenc.encode_chunk", bind=True, max_retries=None)
-def encode_chunk(
-    self: Any, job_id: str, chunk: int, dest: str, fingerprint: str, paths: list[str]
-) -> dict[str, int]:
-    _validate(job_id, chunk, dest, fingerprint, paths)
+def _encode(
+    state: WorkerState, message: ChunkMessage, job: dict[str, str], careful: bool, sink: ChunkSink
+) -> str:
+    """Run the chunk's images through the ``Runner``; returns the stage timings line."""
+    settings, encoder = state.settings, state.encoder
+    root, _ = state.image_root.for_job(job)
+    loader: Any = WatchedLoader(ImageLoader(root, encoder.input_size), state.watchdog)
+    paths = message.paths
+    if careful:
+        paths = _struck_out(state, message, root, sink)
+        loader = NotingLoader(loader, state.registry, message.job_id, message.chunk)
+    runner = Runner(
+        loader,
+        encoder.encode,
+        sink,
+        encoder.empty_codes,
+        batch_size=1 if careful else settings.batch,
+        decode_threads=0 if careful else settings.decode_threads,
+    )
+    stats = runner.run(paths)
+    if careful:
+        state.registry.set_current(message.job_id, message.chunk, None)
+    return stats.stage_line()
+
+
+@app.task(name=ENCODE_CHUNK, bind=True, max_retries=None)
+def encode_chunk(self: Any, **kwargs: Any) -> dict[str, int]:
     try:
-        return _encode_chunk(self, job_id, chunk, dest, fingerprint, paths)
+        message = ChunkMessage.from_kwargs(kwargs)
+    except MalformedMessage as exc:
+        log.error(
+            "refusing malformed chunk message (job %r chunk %r): %s",
+            str(kwargs.get("job_id"))[:64],
+            kwargs.get("chunk"),
+            exc,
+        )
+        raise Reject(str(exc), requeue=False) from None
+    try:
+        return _encode_chunk(self, message)
     except (Reject, Retry):
         raise
     except RedisError as exc:
         # Redis stayed down through the client's retries. Publishing a Celery retry would
         # need Redis too, and Celery drops a message whose retry it cannot publish; so
         # reject with requeue, which is never an ack: the message stays unacked in Redis
-        # and comes back after the visibility timeout (or at once, if the requeue goes through).
+        # and comes back when its lease runs out (or at once, if the requeue goes through).
         log.warning(
-            "job %s chunk %d: registry unreachable (%s); requeueing the chunk", job_id, chunk, exc
+            "job %s chunk %d: registry unreachable (%s); requeueing the chunk",
+            message.job_id,
+            message.chunk,
+            exc,
         )
         raise Reject(str(exc), requeue=True) from None
     except Exception as exc:  # a bug or a model error: retry, then fail the images, never drop
@@ -201,73 +214,47 @@ def encode_chunk(
         if retries < MAX_ERROR_RETRIES:
             log.exception(
                 "job %s chunk %d: %s; retry %d of %d",
-                job_id,
-                chunk,
+                message.job_id,
+                message.chunk,
                 exc,
                 retries + 1,
                 MAX_ERROR_RETRIES,
             )
             raise self.retry(exc=exc, countdown=TASK_RETRY_COUNTDOWN * 2**retries) from None
-        log.exception("job %s chunk %d: giving up after %d retries", job_id, chunk, retries)
+        log.exception(
+            "job %s chunk %d: giving up after %d retries", message.job_id, message.chunk, retries
+        )
         return _fail_chunk(
-            job_id,
-            chunk,
-            dest,
-            paths,
-            f"worker error: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}",
+            message, f"worker error: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
         )
 
 
-def _encode_chunk(
-    task: Any, job_id: str, chunk: int, dest: str, fingerprint: str, paths: list[str]
-) -> dict[str, int]:
-    start = time.monotonic()
+def _encode_chunk(task: Any, message: ChunkMessage) -> dict[str, int]:
     state = get_state()
-    registry = state.registry
+    registry, job_id, chunk = state.registry, message.job_id, message.chunk
     if registry.chunk_recorded(job_id, chunk):  # done, but its ack was lost: nothing to redo
         log.info("job %s chunk %d: already recorded, skipping the redelivery", job_id, chunk)
-        finalize_if_complete(state, job_id, dest)
+        finalize_if_complete(state, job_id, message.dest)
         return {}
     attempt = registry.next_attempt(job_id, chunk)
-    retries = task.request.retries or 0
-    writer = _chunk_writer(state, job_id, dest)
-    if fingerprint != state.encoder.spec.fingerprint:
-        _refuse_mismatched_spec(state, job_id, chunk, fingerprint, paths, writer)
-    else:
-        root = os.environ.get("IMGENC_IMAGE_ROOT") or registry.job(job_id)["image_root"]
-        loader = WatchedLoader(ImageLoader(root, state.encoder.input_size), state.watchdog)
-        deaths = attempt - 1 - retries
-        if deaths > 0:
-            log.warning(
-                "job %s chunk %d: delivery %d after %d lost deliveries; encoding "
-                "one image at a time",
-                job_id,
-                chunk,
-                attempt,
-                deaths,
-            )
-            _encode_carefully(state, loader, job_id, chunk, paths, writer)
-        else:
-            _encode_fast(state, loader, paths, writer)
-    _write(task, writer, job_id, chunk)
-    registry.record_chunk(job_id, chunk, writer.counts)
-    seconds = time.monotonic() - start
-    log.info(
-        "job %s chunk %d: %s in %.2f s (%.1f img/s)",
-        job_id,
-        chunk,
-        writer.counts,
-        seconds,
-        len(paths) / seconds if seconds else 0.0,
-    )
-    finalize_if_complete(state, job_id, dest)
-    return writer.counts
-
-
-def _write(task: Any, writer: ShardWriter, job_id: str, chunk: int) -> None:
-    name = shard_name(job_id, chunk)
+    job = registry.job(job_id)
+    sink = ChunkSink(state, message)
+    timings = ""
     try:
-        STORAGE_BACKOFF.run(lambda: writer.flush(name), what=f"job {job_id} chunk {chunk}")
+        if message.fingerprint != state.encoder.spec.fingerprint:
+            _refuse_mismatched_spec(state, message, job, sink)
+        else:
+            deaths = attempt - 1 - (task.request.retries or 0)
+            if deaths > 0:
+                log.warning(
+                    "job %s chunk %d: delivery %d after %d lost deliveries; encoding "
+                    "one image at a time",
+                    job_id,
+                    chunk,
+                    attempt,
+                    deaths,
+                )
+            timings = _encode(state, message, job, deaths > 0, sink)
     except StorageError as exc:
         log.error(
             "job %s chunk %d: storage still failing (%s); the chunk will be retried in %.0f s",
@@ -277,19 +264,31 @@ def _write(task: Any, writer: ShardWriter, job_id: str, chunk: int) -> None:
             TASK_RETRY_COUNTDOWN,
         )
         raise task.retry(exc=exc, countdown=TASK_RETRY_COUNTDOWN) from None
+    registry.record_chunk(job_id, chunk, sink.counts)
+    log.info(
+        "job %s chunk %d: recorded %s (attempt %d; %s)",
+        job_id,
+        chunk,
+        sink.counts,
+        attempt,
+        timings or "nothing encoded",
+    )
+    state.image_root.check_missing(registry, job_id, job, sink.counts.get("missing", 0))
+    finalize_if_complete(state, job_id, message.dest)
+    return sink.counts
 
 
-def _fail_chunk(
-    job_id: str, chunk: int, dest: str, paths: list[str], reason: str
-) -> dict[str, int]:
+def _fail_chunk(message: ChunkMessage, reason: str) -> dict[str, int]:
     state = get_state()
-    writer = _chunk_writer(state, job_id, dest)
-    results = [LoadResult(id=p, path="", status=ImageStatus.FAILED, error=reason) for p in paths]
-    writer.add(results, np.zeros((0, state.encoder.spec.bytes_per_code), np.uint8))
-    STORAGE_BACKOFF.run(lambda: writer.flush(shard_name(job_id, chunk)), what=f"job {job_id}")
-    state.registry.record_chunk(job_id, chunk, writer.counts)
-    finalize_if_complete(state, job_id, dest)
-    return writer.counts
+    sink = ChunkSink(state, message)
+    results = [
+        LoadResult(id=p, path="", status=ImageStatus.FAILED, error=reason) for p in message.paths
+    ]
+    sink.add(results, state.encoder.empty_codes)
+    sink.flush()
+    state.registry.record_chunk(message.job_id, message.chunk, sink.counts)
+    finalize_if_complete(state, message.job_id, message.dest)
+    return sink.counts
 
 
 def finalize_if_complete(state: WorkerState, job_id: str, dest: str) -> bool:
@@ -303,11 +302,13 @@ def finalize_if_complete(state: WorkerState, job_id: str, dest: str) -> bool:
     return True
 
 
-@app.task(name="imgenc.finalize_job", bind=True, max_retries=None)
-def finalize_job(self: Any, job_id: str, dest: str) -> bool:
-    if not isinstance(job_id, str) or not isinstance(dest, str):
-        raise Reject("malformed finalize message", requeue=False)
+@app.task(name=FINALIZE_JOB, bind=True, max_retries=None)
+def finalize_job(self: Any, **kwargs: Any) -> bool:
     try:
-        return finalize_if_complete(get_state(), job_id, dest)
+        message = FinalizeMessage.from_kwargs(kwargs)
+    except MalformedMessage as exc:
+        raise Reject(f"malformed finalize message: {exc}", requeue=False) from None
+    try:
+        return finalize_if_complete(get_state(), message.job_id, message.dest)
     except StorageError as exc:
         raise self.retry(exc=exc, countdown=TASK_RETRY_COUNTDOWN) from None

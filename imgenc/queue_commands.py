@@ -1,10 +1,10 @@
-"""``imgenc enqueue``, ``imgenc status`` and ``imgenc jobs``."""
+"""``imgenc enqueue``, ``imgenc status`` and ``imgenc jobs``: the distributed path, through the
+producer (Celery is imported only when one of these commands runs)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
@@ -13,34 +13,52 @@ from datetime import datetime
 
 from encoder.settings import DEFAULT_BROKER_URL
 
+AddModelArgs = Callable[[argparse.ArgumentParser], None]
 
-def _broker(args: argparse.Namespace) -> str:
-    return args.broker or os.environ.get("IMGENC_BROKER_URL") or DEFAULT_BROKER_URL
+EXIT_CODES = (
+    "exit status with --wait: 0 when the job completed, 1 under --strict if any image "
+    "failed, 3 when images could not be encoded for a setup reason (not found by the "
+    "workers, or refused by workers of another spec), 130 when interrupted"
+)
 
 
-def _exit_code(status, strict: bool) -> int:
-    return 1 if strict and status.failed else 0
+def broker_unreachable(func: Callable[[argparse.Namespace], int]):
+    """Run a queue command; a broker that cannot be reached is one line, not a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        from kombu.utils.url import maybe_sanitize_url
+        from redis.exceptions import ConnectionError, TimeoutError
+
+        try:
+            return func(args)
+        except (ConnectionError, TimeoutError) as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            url = maybe_sanitize_url(args.settings.broker_url)
+            print(f"imgenc: error: cannot reach the broker at {url}: {reason}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _print_status(status, as_json: bool = False) -> None:
+    if as_json:
+        print(json.dumps(status.to_dict(), indent=2))
+        return
+    for line in status.lines():
+        print(line)
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
-    from encoder.cli import settings_from_args
     from encoder.spec import SpecMismatch
     from producer.enqueue import EnqueueInterrupted, enqueue
 
-    args.broker_url = _broker(args)
-    settings = settings_from_args(args)
     stop = threading.Event()  # Ctrl-C / SIGTERM: stop at the next chunk boundary
     previous = {
         sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
     }
     try:
         job = enqueue(
-            args.image_dir,
-            args.out,
-            settings=settings,
-            resume=args.resume,
-            image_root=args.image_root,
-            stop=stop,
+            args.image_dir, args.out, settings=args.settings, resume=args.resume, stop=stop
         )
     except (SpecMismatch, NotADirectoryError, FileNotFoundError, ValueError) as exc:
         print(f"imgenc: error: {exc}", file=sys.stderr)
@@ -49,9 +67,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         print(interrupted.job_id, flush=True)
         print(
             f"interrupted: job {interrupted.job_id} holds the {interrupted.enqueued} images "
-            "enqueued so "
-            "far and will complete with them; run the same command with --resume to "
-            "enqueue the rest",
+            "enqueued so far and will complete with them; run the same command with "
+            "--resume to enqueue the rest",
             file=sys.stderr,
         )
         return 130
@@ -66,31 +83,26 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"stopped waiting; job {job.id} goes on (imgenc status {job.id})", file=sys.stderr)
         return 130
-    for line in status.lines():
-        print(line)
-    return _exit_code(status, args.strict)
+    _print_status(status)
+    return status.exit_code(args.strict)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from producer.enqueue import Job
+    from jobs.registry import JobRegistry
 
     try:
-        status = Job(args.job_id, _broker(args)).status()
+        status = JobRegistry.from_url(args.settings.broker_url).status(args.job_id)
     except KeyError as exc:
         print(f"imgenc: error: {exc.args[0]}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(status.to_dict(), indent=2))
-    else:
-        for line in status.lines():
-            print(line)
+    _print_status(status, args.json)
     return 0
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from worker.registry import JobRegistry
+    from jobs.registry import JobRegistry
 
-    registry = JobRegistry.from_url(_broker(args))
+    registry = JobRegistry.from_url(args.settings.broker_url)
     for job_id in registry.recent(args.limit):
         try:
             s = registry.status(job_id)
@@ -98,23 +110,35 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             continue
         state = "done" if s.done else ("enqueueing" if s.scanning else "running")
         created = datetime.fromtimestamp(s.created_at).strftime("%Y-%m-%d %H:%M:%S")
+        flag = "  PROBLEM" if s.problems() else ""
         print(
             f"{job_id}  {created}  {state:<10} {s.processed:>8}/{s.total:<8} "
-            f"failed {s.failed:<6} {s.dest}"
+            f"failed {s.failed:<6} {s.dest}{flag}"
         )
     return 0
 
 
-def add_producer_commands(
-    sub: argparse._SubParsersAction, add_model_args: Callable[[argparse.ArgumentParser], None]
-) -> None:
-    enqueue = sub.add_parser("enqueue", help="enqueue a folder for the Celery workers")
+def _add_broker(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--broker",
+        dest="broker_url",
+        help=f"Redis URL [IMGENC_BROKER_URL or {DEFAULT_BROKER_URL}]",
+    )
+
+
+def add_commands(sub: argparse._SubParsersAction, add_model_args: AddModelArgs) -> None:
+    enqueue = sub.add_parser(
+        "enqueue", help="enqueue a folder for the Celery workers", epilog=EXIT_CODES
+    )
     enqueue.add_argument("image_dir")
     enqueue.add_argument("--out", required=True, help="destination directory or s3://bucket/prefix")
-    enqueue.add_argument("--broker", help=f"Redis URL [IMGENC_BROKER_URL or {DEFAULT_BROKER_URL}]")
+    _add_broker(enqueue)
     enqueue.add_argument("--chunk", type=int, help="images per task message [256]")
     enqueue.add_argument("--queue", help="Celery queue [imgenc]")
-    enqueue.add_argument("--image-root", help="root the paths are sent relative to [IMAGE_DIR]")
+    enqueue.add_argument(
+        "--image-root",
+        help="root the paths are sent relative to [IMGENC_IMAGE_ROOT, else IMAGE_DIR]",
+    )
     enqueue.add_argument(
         "--resume",
         action="store_true",
@@ -126,15 +150,15 @@ def add_producer_commands(
     )
     enqueue.add_argument("--no-progress", action="store_true")
     add_model_args(enqueue)
-    enqueue.set_defaults(func=cmd_enqueue)
+    enqueue.set_defaults(func=broker_unreachable(cmd_enqueue))
 
-    status = sub.add_parser("status", help="progress of a job")
+    status = sub.add_parser("status", help="progress of a job, and what went wrong")
     status.add_argument("job_id")
-    status.add_argument("--broker")
+    _add_broker(status)
     status.add_argument("--json", action="store_true")
-    status.set_defaults(func=cmd_status)
+    status.set_defaults(func=broker_unreachable(cmd_status))
 
     jobs = sub.add_parser("jobs", help="recent jobs")
-    jobs.add_argument("--broker")
+    _add_broker(jobs)
     jobs.add_argument("--limit", type=int, default=20)
-    jobs.set_defaults(func=cmd_jobs)
+    jobs.set_defaults(func=broker_unreachable(cmd_jobs))

@@ -1,0 +1,105 @@
+"""``encode_folder``: the embedded way of running (``imgenc encode``), with no services.
+
+A folder scan hands out the ids; ``Runner`` reads, encodes and writes them with a
+``ShardWriter`` that cuts shards by size and age; the manifest is merged at the end.  The
+Celery worker runs the same ``Runner`` on the ids of a task message instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from encoder.images import ImageLoader
+from encoder.manifest import merge_manifest, status_counts
+from encoder.progress import TqdmProgress
+from encoder.runner import Runner, RunStats
+from encoder.scan import scan_images
+from encoder.settings import Settings
+from encoder.spec import spec_for
+from encoder.storage import StorageError
+from encoder.writer import ShardWriter, open_destination
+
+log = logging.getLogger("imgenc")
+
+
+@dataclass
+class RunSummary(RunStats):
+    skipped: int = 0  # already done in DEST (--resume)
+
+    def lines(self) -> list[str]:
+        head = "interrupted" if self.interrupted else "done"
+        lines = [
+            f"{head}: {self.processed} images in {self.seconds:.1f} s "
+            f"({self.images_per_second:.2f} img/s; {self.stage_line()}), "
+            f"{self.skipped} already done"
+        ]
+        return lines + self.count_lines()
+
+
+def new_run_id() -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return f"local-{stamp}-{secrets.token_hex(2)}"
+
+
+def encode_folder(
+    image_dir: str | Path,
+    dest: str,
+    settings: Settings,
+    resume: bool = False,
+    progress: bool = True,
+    encoder: Any | None = None,
+) -> RunSummary:
+    """Encode every image under ``image_dir`` into ``dest``; see ``imgenc encode --help``."""
+    from encoder.model import Encoder
+
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise NotADirectoryError(f"{image_dir} is not a directory")
+    spec = spec_for(settings)
+    storage, skip = open_destination(dest, spec, settings.center, resume)
+    todo = sum(1 for e in scan_images(image_dir) if e.resume_key not in skip)
+    enc = encoder if encoder is not None else Encoder(settings)
+    writer = ShardWriter(storage, spec, new_run_id(), settings.shard_size, settings.flush_seconds)
+    bar = TqdmProgress(todo, progress)
+    runner = Runner(
+        ImageLoader(image_dir, enc.input_size),
+        enc.encode,
+        writer,
+        enc.empty_codes,
+        settings.batch,
+        settings.decode_threads,
+        bar,
+    )
+    skipped = 0
+
+    def ids() -> Iterator[str]:
+        nonlocal skipped
+        for entry in scan_images(image_dir):
+            if entry.resume_key in skip:
+                skipped += 1
+            else:
+                yield entry.id
+
+    try:
+        stats = runner.run(ids())
+    finally:
+        bar.close()
+        try:
+            rows = merge_manifest(storage)
+            log.info("manifest: %d rows, %s", len(rows), status_counts(rows))
+        except StorageError as exc:
+            # The parts already written are consistent (each names a shard that is there);
+            # load_codes reads them, and --resume goes on from them.
+            log.error(
+                "manifest.csv not merged (%s); the parts under %s/parts are complete "
+                "and consistent",
+                exc,
+                dest,
+            )
+    return RunSummary(**vars(stats), skipped=skipped)

@@ -1,0 +1,7 @@
+"""``python -m imgenc`` is ``imgenc``."""
+
+import sys
+
+from imgenc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,109 @@
+"""``imgenc encode``, ``imgenc show`` and ``imgenc fit-center``: work on this machine, with
+the ``encoder`` library alone (no services, no Celery)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+AddModelArgs = Callable[[argparse.ArgumentParser], None]
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from encoder.folder_run import encode_folder
+    from encoder.model import WeightsUnavailable
+    from encoder.spec import SpecMismatch
+    from encoder.storage import StorageError
+
+    try:
+        summary = encode_folder(
+            args.image_dir,
+            args.out,
+            args.settings,
+            resume=args.resume,
+            progress=not args.no_progress,
+        )
+    except (WeightsUnavailable, SpecMismatch, NotADirectoryError, FileNotFoundError) as exc:
+        print(f"imgenc: error: {exc}", file=sys.stderr)
+        return 2
+    except StorageError as exc:
+        print(
+            f"imgenc: error: {exc}. Every shard written so far is complete and listed in "
+            f"{args.out}/parts; free space and rerun with --resume.",
+            file=sys.stderr,
+        )
+        return 2
+    for line in summary.lines():
+        print(line)
+    if summary.interrupted:
+        print("interrupted: rerun with --resume to encode the rest", file=sys.stderr)
+        return 130
+    if args.strict and summary.failed:
+        return 1
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from encoder.show import render
+
+    try:
+        path = render(args.dest, args.image_id, args.png, image_root=args.settings.image_root)
+    except (KeyError, ValueError) as exc:
+        print(f"imgenc: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def cmd_fit_center(args: argparse.Namespace) -> int:
+    from encoder.centering import save_center
+    from encoder.fit_center import fit_center
+    from encoder.model import WeightsUnavailable
+
+    settings = args.settings
+    try:
+        center, n = fit_center(args.image_dir, settings, args.sample, not args.no_progress)
+    except (WeightsUnavailable, ValueError) as exc:
+        print(f"imgenc: error: {exc}", file=sys.stderr)
+        return 2
+    save_center(args.out, center)
+    print(
+        f"{args.out}: mean of {n} images' {settings.backbone} features ({center.shape[0]} "
+        f"values); use it with --center {args.out}"
+    )
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction, add_model_args: AddModelArgs) -> None:
+    encode = sub.add_parser("encode", help="encode a folder on this machine (no services needed)")
+    encode.add_argument("image_dir")
+    encode.add_argument("--out", required=True, help="destination directory or s3://bucket/prefix")
+    add_model_args(encode)
+    encode.add_argument("--batch", type=int, help="images per model call [32]")
+    encode.add_argument("--decode-threads", type=int, help="image decoding threads [2]")
+    encode.add_argument("--shard-size", type=int, help="codes per shard file [1024]")
+    encode.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip images already ok in --out (same path, size and mtime)",
+    )
+    encode.add_argument("--strict", action="store_true", help="exit 1 if any image failed")
+    encode.add_argument("--no-progress", action="store_true", help="no progress bar")
+    encode.set_defaults(func=cmd_encode)
+
+    show = sub.add_parser("show", help="draw an image beside its code as a bit matrix")
+    show.add_argument("dest")
+    show.add_argument("image_id", help="id as in manifest.csv (or its file name)")
+    show.add_argument("--png", required=True, help="output PNG file")
+    show.add_argument("--image-root", help="where the images are now, if they moved")
+    show.set_defaults(func=cmd_show)
+
+    fit = sub.add_parser("fit-center", help="compute the mean feature for --center")
+    fit.add_argument("image_dir")
+    fit.add_argument("--out", required=True, help="where to save the centre (.npy)")
+    fit.add_argument("--sample", type=int, default=2000, help="images to average [2000]")
+    fit.add_argument("--batch", type=int)
+    fit.add_argument("--no-progress", action="store_true")
+    add_model_args(fit)
+    fit.set_defaults(func=cmd_fit_center)

@@ -1,0 +1,101 @@
+"""The image root is one setting, read the same way by the producer and the workers; a job
+whose images the workers cannot find says so in its exit code, its status and, once, in the
+worker's log."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from tests.helpers import CeleryWorker, imgenc, worker_env, write_jpegs
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """/data with the catalogue under /data/a, as both sides mount it."""
+    root = tmp_path_factory.mktemp("data")
+    write_jpegs(root / "a", 5)
+    return root
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    from tests.helpers import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server.url
+    server.stop(kill=True)
+
+
+@pytest.fixture(scope="module")
+def rooted_worker(redis_url, data, tmp_path_factory):
+    """A worker whose IMGENC_IMAGE_ROOT is /data."""
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    env = worker_env(redis_url, IMGENC_IMAGE_ROOT=str(data), IMGENC_QUEUE="rooted")
+    w = CeleryWorker(env, log, extra_args=("-Q", "rooted")).start()
+    yield w
+    w.stop()
+
+
+def producer_env(redis_url: str, **extra: str) -> dict[str, str]:
+    return {
+        "IMGENC_BROKER_URL": redis_url,
+        "IMGENC_BACKBONE": "stub",
+        "IMGENC_WEIGHTS": "random",
+        "IMGENC_QUEUE": "rooted",
+        **extra,
+    }
+
+
+def test_producer_and_worker_with_the_same_image_root_encode_a_subfolder(
+    redis_url, data, rooted_worker, tmp_path
+):
+    out = tmp_path / "out"
+    env = producer_env(redis_url, IMGENC_IMAGE_ROOT=str(data))
+    run = imgenc("enqueue", str(data / "a"), "--out", str(out), "--wait", "--no-progress", env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    manifest = pd.read_csv(out / "manifest.csv")
+    assert (manifest.status == "ok").all() and len(manifest) == 5
+    assert sorted(manifest.id) == [f"a/img_{i:05d}.jpg" for i in range(5)]  # relative to /data
+    assert "problem:" not in run.stdout
+
+
+def test_images_the_workers_cannot_find_fail_the_wait_and_status_names_both_roots(
+    redis_url, data, rooted_worker, tmp_path
+):
+    """The producer has no IMGENC_IMAGE_ROOT: it sends paths relative to /data/a, while the
+    worker resolves them against /data."""
+    out = tmp_path / "out"
+    before = len(rooted_worker.text())
+    run = imgenc(
+        "enqueue", str(data / "a"), "--out", str(out), "--wait", "--no-progress", "--chunk", "2",
+        env=producer_env(redis_url),
+    )  # fmt: skip
+    assert run.returncode == 3, run.stdout + run.stderr
+    assert "5 of 5 images were not found" in run.stdout
+    job_id = run.stdout.splitlines()[0].strip()
+
+    status = imgenc("status", job_id, "--json", env=producer_env(redis_url))
+    assert status.returncode == 0
+    problems = json.loads(status.stdout)["problems"]
+    assert len(problems) == 1
+    assert f"relative to its image root {data / 'a'}" in problems[0]
+    assert f"resolved them against {data}" in problems[0] and "IMGENC_IMAGE_ROOT" in problems[0]
+
+    log = rooted_worker.text()[before:]
+    assert log.count(f"job {job_id}: images not found under this worker's image root") == 1
+    assert log.count(f"job {job_id} chunk") == 3  # one line per chunk, none per image
+    assert "img_00003.jpg" not in log.replace("img_00000.jpg", "")  # only the probe is named
+
+
+def test_a_folder_outside_the_image_root_is_refused_before_anything_is_sent(
+    redis_url, data, tmp_path
+):
+    write_jpegs(tmp_path / "elsewhere", 1)
+    env = producer_env(redis_url, IMGENC_IMAGE_ROOT=str(data))
+    run = imgenc("enqueue", str(tmp_path / "elsewhere"), "--out", str(tmp_path / "o"), env=env)
+    assert run.returncode == 2
+    assert "is not inside the image root" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "o").exists()
