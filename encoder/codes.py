@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from encoder.manifest import SPEC_KEY, read_manifest
+from encoder.manifest import SPEC_KEY, Row, read_manifest
 from encoder.spec import CodeSpec
 from encoder.storage import LocalStorage, Storage, open_storage
 
@@ -57,13 +57,19 @@ def load_codes(dest: str | Path) -> tuple[np.ndarray, np.ndarray]:
     storage = open_storage(dest)
     spec = read_spec(storage)
     rows = [r for r in read_manifest(storage) if r["status"] == "ok"]
+    ids = np.array([r["id"] for r in rows], dtype=str)
+    return ids, codes_for_rows(storage, spec, rows)
+
+
+def codes_for_rows(storage: Storage, spec: CodeSpec, rows: list[Row]) -> np.ndarray:
+    """``(len(rows), bytes_per_code)`` codes of ok manifest ``rows``, in their order, each
+    shard read once."""
     codes = np.empty((len(rows), spec.bytes_per_code), np.uint8)
     by_shard: dict[str, list[tuple[int, int]]] = {}
     for i, row in enumerate(rows):
         by_shard.setdefault(row["shard"], []).append((i, int(row["row"])))
     for key, pairs in by_shard.items():
         shard = _load_shard(storage, key)
-        targets, sources = zip(*pairs, strict=False)
+        targets, sources = zip(*pairs, strict=True)
         codes[list(targets)] = shard[list(sources)]
-    ids = np.array([r["id"] for r in rows], dtype=str)
-    return ids, codes
+    return codes

@@ -29,6 +29,7 @@ Decoding rules, in order:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import hashlib
@@ -36,12 +37,15 @@ import io
 import os
 import stat
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+T = TypeVar("T")
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
 
 IMAGE_EXTENSIONS = frozenset(
@@ -137,17 +141,40 @@ class ImageLoader:
     def load(self, rel: str) -> LoadResult:
         """Never raises for bad input; returns a ``LoadResult`` whose status says what happened."""
         result = LoadResult(id=rel, path=self._root_prefix + rel, status=ImageStatus.OK)
-        try:
-            path = resolve_in_root(self._root_prefix, rel)
-            data = self._read(path, result)
-            result.pixels = self._decode(data, result)
-        except LoadFailure as failure:
-            result.status, result.error = failure.status, str(failure)
-        except MemoryError:
-            result.status, result.error = ImageStatus.TOO_LARGE, "out of memory while decoding"
-        except Exception as exc:  # a decoder bug must not stop the run
-            result.status, result.error = ImageStatus.CORRUPT, _one_line(exc)
+        with _guard(result):
+            data = self._read(resolve_in_root(self._root_prefix, rel), result)
+            result.pixels = self._decode(data, result, self.size, self._to_pixels)
         return result
+
+    def load_bytes(self, data: bytes, image_id: str = "upload") -> LoadResult:
+        """The same rules for an image held in memory (an upload, a query): never raises."""
+        result = LoadResult(id=image_id, path="", status=ImageStatus.OK, size=len(data))
+        with _guard(result):
+            if not data:
+                raise LoadFailure(ImageStatus.EMPTY, "zero-byte file")
+            if len(data) > self.max_file_bytes:
+                raise LoadFailure(
+                    ImageStatus.TOO_LARGE,
+                    f"{len(data)} bytes is over the {self.max_file_bytes}-byte limit",
+                )
+            result.sha256 = hashlib.sha256(data).hexdigest()
+            result.pixels = self._decode(data, result, self.size, self._to_pixels)
+        return result
+
+    def load_picture(self, rel: str, max_side: int) -> tuple[LoadResult, Image.Image | None]:
+        """The decoded RGB picture (orientation applied, aspect ratio kept) shrunk to fit
+        ``max_side``, for thumbnails; the same checks as ``load``."""
+        result = LoadResult(id=rel, path=self._root_prefix + rel, status=ImageStatus.OK)
+        picture = None
+        with _guard(result):
+            data = self._read(resolve_in_root(self._root_prefix, rel), result)
+            picture = self._decode(
+                data, result, max_side, lambda rgb: ImageOps.contain(rgb, (max_side, max_side))
+            )
+        return result, picture if result.ok else None
+
+    def _to_pixels(self, rgb: Image.Image) -> np.ndarray:
+        return np.asarray(rgb.resize((self.size, self.size), RESAMPLE), dtype=np.uint8)
 
     def _read(self, path: str, result: LoadResult) -> bytes:
         # Open first (following symlinks), then ask the kernel where the descriptor really
@@ -192,7 +219,11 @@ class ImageLoader:
         result.sha256 = hashlib.sha256(data).hexdigest()
         return data
 
-    def _decode(self, data: bytes, result: LoadResult) -> np.ndarray:
+    def _decode(
+        self, data: bytes, result: LoadResult, target: int, finish: Callable[[Image.Image], T]
+    ) -> T:
+        """``finish`` applied to ``data`` decoded as an RGB picture (while the decoded image
+        is open); JPEGs at least twice ``target`` are decoded at a reduced scale."""
         head = data[:64].lstrip()
         for signature, name in _REFUSED_SIGNATURES:
             if head.startswith(signature):
@@ -219,14 +250,12 @@ class ImageLoader:
                     "(decompression bomb refused before decoding)",
                 )
             try:
-                if im.format == "JPEG" and min(im.size) >= 2 * self.size:
-                    im.draft("RGB", (self.size, self.size))
+                if im.format == "JPEG" and min(im.size) >= 2 * target:
+                    im.draft("RGB", (target, target))
                 im.load()  # first frame of animated images
                 if im.getexif().get(ORIENTATION_TAG, 1) != 1:
                     im = ImageOps.exif_transpose(im)
-                rgb = to_rgb(im)
-                rgb = rgb.resize((self.size, self.size), RESAMPLE)
-                return np.asarray(rgb, dtype=np.uint8)
+                return finish(to_rgb(im))
             except (
                 EOFError,
                 SyntaxError,
@@ -274,6 +303,19 @@ def _real_path(fd: int, path: str) -> str:
         except OSError:
             pass
     return os.path.realpath(path)
+
+
+@contextlib.contextmanager
+def _guard(result: LoadResult) -> Iterator[None]:
+    """Turn whatever decoding raises into the result's status: bad input never raises."""
+    try:
+        yield
+    except LoadFailure as failure:
+        result.status, result.error = failure.status, str(failure)
+    except MemoryError:
+        result.status, result.error = ImageStatus.TOO_LARGE, "out of memory while decoding"
+    except Exception as exc:  # a decoder bug must not stop the run
+        result.status, result.error = ImageStatus.CORRUPT, _one_line(exc)
 
 
 def _decode_status(exc: BaseException) -> ImageStatus:

@@ -157,3 +157,35 @@ def spec_for(settings: Settings) -> CodeSpec:
         center_sha256=file_sha256(settings.center) if settings.center else None,
         libraries=library_versions(),
     )
+
+
+def settings_for_spec(
+    spec: CodeSpec, base: Settings, weights: str | None = None, center: str | None = None
+) -> Settings:
+    """``base`` with the model settings that reproduce ``spec`` (to encode queries that
+    meet stored codes).  ``weights`` names the weights file when the codes were made with
+    one; ``center`` the centre file when they were centred.  Raises ``SpecMismatch``,
+    naming the fields, when this installation cannot make the same codes."""
+    if weights is None:
+        if spec.weights.startswith("imagenet@"):
+            weights = "imagenet"
+        elif spec.weights == RANDOM_WEIGHTS_ID:
+            weights = "random"
+        else:
+            raise SpecMismatch(
+                f"the codes were made with weights {spec.weights!r}; pass that weights file "
+                "(--weights PATH) to encode queries that meet them"
+            )
+    if spec.center_sha256 and not center:
+        raise SpecMismatch("the codes are centred; the destination's center.npy is needed")
+    settings = base.replace(
+        backbone=spec.backbone,
+        layout=spec.layout,
+        bits=spec.n_bits,
+        seed=spec.seed,
+        weights=weights,
+        precision=spec.precision,
+        center=center,
+    )
+    spec.check_compatible(spec_for(settings), what="the stored codes and this query encoder")
+    return settings

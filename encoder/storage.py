@@ -26,7 +26,9 @@ class Storage(Protocol):
 
     def put(self, key: str, data: bytes) -> None: ...
     def get(self, key: str) -> bytes: ...
+    def delete(self, key: str) -> None: ...
     def list(self, prefix: str) -> Iterator[str]: ...
+    def list_versions(self, prefix: str) -> dict[str, str]: ...
 
 
 class LocalStorage:
@@ -59,13 +61,23 @@ class LocalStorage:
         except FileNotFoundError:
             raise KeyError(key) from None
 
+    def delete(self, key: str) -> None:
+        _remove_quietly(str(self.root / key))
+
     def list(self, prefix: str) -> Iterator[str]:
+        yield from self.list_versions(prefix)
+
+    def list_versions(self, prefix: str) -> dict[str, str]:
+        """``key -> version`` (size and mtime) of every object under ``prefix``, sorted."""
         base = self.root / prefix
         if not base.is_dir():
-            return
+            return {}
+        versions = {}
         for entry in sorted(os.scandir(base), key=lambda e: e.name):
             if entry.is_file() and not entry.name.startswith("."):
-                yield f"{prefix.rstrip('/')}/{entry.name}"
+                st = entry.stat()
+                versions[f"{prefix.rstrip('/')}/{entry.name}"] = f"{st.st_size}-{st.st_mtime_ns}"
+        return versions
 
     def local_path(self, key: str) -> Path:
         return self.root / key
@@ -108,20 +120,34 @@ class S3Storage:
         except BotoCoreError as exc:
             raise StorageError(f"S3 get {self.url}/{key} failed: {exc}") from exc
 
+    def delete(self, key: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"S3 delete {self.url}/{key} failed: {exc}") from exc
+
     def list(self, prefix: str) -> Iterator[str]:
+        yield from self.list_versions(prefix)
+
+    def list_versions(self, prefix: str) -> dict[str, str]:
+        """``key -> version`` (the ETag) of every object under ``prefix``."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         full = self._key(prefix.rstrip("/") + "/")
         strip = len(self.prefix) + 1 if self.prefix else 0
+        versions = {}
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=full
             )
             for page in pages:
                 for obj in page.get("Contents", []):
-                    yield obj["Key"][strip:]
+                    versions[obj["Key"][strip:]] = obj.get("ETag", "").strip('"')
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"S3 list {self.url}/{prefix} failed: {exc}") from exc
+        return versions
 
 
 def open_storage(dest: str | Path) -> LocalStorage | S3Storage:

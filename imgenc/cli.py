@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from encoder.backbones import BACKBONES
 from encoder.settings import LAYOUTS, PRECISIONS, Settings, process_settings
-from imgenc import local_commands, queue_commands
+from imgenc import local_commands, queue_commands, search_commands
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     local_commands.add_commands(sub, add_model_args)
     queue_commands.add_commands(sub, add_model_args)
+    search_commands.add_commands(sub, add_model_args)
     return parser
 
 

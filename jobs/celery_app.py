@@ -13,7 +13,10 @@ Celery's own names.  Delivery is at least once:
   has stopped renewing, that is, died: after ``visibility_timeout`` (30 s) plus one sweep
   (``unacked_restore_interval``, 5 s), not after Redis' default hour.
 
-A module named by ``IMGENC_CELERY_CONFIG`` may override any of it.
+Query images sent by ``imgenc serve --workers`` go to ``<queue>.queries``, which every
+worker consumes too (run a worker with ``-Q imgenc.queries`` to keep one free for them);
+their codes come back through a Redis result backend.  A module named by
+``IMGENC_CELERY_CONFIG`` may override any of it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from celery import Celery
 from kombu import Queue
 
 from encoder.settings import Settings
+from jobs.messages import QUERY_QUEUE_SUFFIX
 
 RESTORE_SWEEP_SECONDS = 5  # s between two looks for messages whose lease has run out
 
@@ -57,7 +61,9 @@ def delivery_settings(settings: Settings) -> dict[str, Any]:
         accept_content=["json"],
         result_serializer="json",
         result_accept_content=["json"],
-        task_ignore_result=True,
+        task_ignore_result=True,  # only imgenc.encode_images stores a result...
+        result_backend=settings.broker_url,  # ...in the same Redis, for a few minutes
+        result_expires=600,
         # delivery
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -89,7 +95,7 @@ def delivery_settings(settings: Settings) -> dict[str, Any]:
         worker_proc_alive_timeout=300,
         # routing
         task_default_queue=settings.queue,
-        task_queues=[Queue(settings.queue)],
+        task_queues=[Queue(settings.queue), Queue(settings.queue + QUERY_QUEUE_SUFFIX)],
         # monitoring (Flower)
         worker_send_task_events=True,
         task_send_sent_event=True,

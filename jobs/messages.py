@@ -13,9 +13,13 @@ from typing import Any
 
 ENCODE_CHUNK = "imgenc.encode_chunk"
 FINALIZE_JOB = "imgenc.finalize_job"
+ENCODE_IMAGES = "imgenc.encode_images"  # query images in, codes out (a result is stored)
+QUERY_QUEUE_SUFFIX = ".queries"  # encode_images goes to <queue>.queries
 
 MAX_PATHS_PER_CHUNK = 10_000
 MAX_PATH_LENGTH = 4096
+MAX_IMAGES_PER_MESSAGE = 64
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
 
 
 class MalformedMessage(ValueError):
@@ -85,3 +89,58 @@ class FinalizeMessage:
         if not _valid_job_id(kwargs["job_id"]) or not isinstance(kwargs["dest"], str):
             raise MalformedMessage("bad job id or destination")
         return cls(kwargs["job_id"], kwargs["dest"])
+
+
+class NoWorkerAnswered(TimeoutError):
+    """No worker answered an ``imgenc.encode_images`` message in time."""
+
+
+@dataclass(frozen=True)
+class EncodeImagesMessage:
+    """``imgenc.encode_images``: encode query images (base64 bytes) under the spec
+    ``fingerprint``; the worker stores an ``EncodedImages`` result."""
+
+    fingerprint: str
+    names: list[str]
+    images: list[str]  # base64 of each file's bytes
+
+    def to_kwargs(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> EncodeImagesMessage:
+        if set(kwargs) != {"fingerprint", "names", "images"}:
+            raise MalformedMessage(f"fields {sorted(kwargs)} are not fingerprint, names, images")
+        fingerprint, names, images = kwargs["fingerprint"], kwargs["names"], kwargs["images"]
+        problems = []
+        if not isinstance(fingerprint, str):
+            problems.append("bad fingerprint")
+        if not (isinstance(names, list) and isinstance(images, list)) or len(names) != len(images):
+            problems.append("names and images are not two lists of the same length")
+        elif len(images) > MAX_IMAGES_PER_MESSAGE:
+            problems.append(f"{len(images)} images is over the {MAX_IMAGES_PER_MESSAGE} limit")
+        elif not all(isinstance(x, str) and len(x) <= MAX_IMAGE_BYTES * 4 // 3 + 4 for x in images):
+            problems.append("an image is not a base64 string within the size limit")
+        elif not all(isinstance(n, str) and len(n) <= MAX_PATH_LENGTH for n in names):
+            problems.append("a name is not a string")
+        if problems:
+            raise MalformedMessage("; ".join(problems))
+        return cls(fingerprint, names, images)
+
+
+@dataclass(frozen=True)
+class EncodedImages:
+    """The result of ``imgenc.encode_images``: per image its status and error, and the
+    packed codes of the ok ones, concatenated and base64-encoded."""
+
+    fingerprint: str  # the worker's spec
+    statuses: list[str]
+    errors: list[str]
+    codes: str  # base64 of (n_ok * bytes_per_code) bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EncodedImages:
+        return cls(data["fingerprint"], data["statuses"], data["errors"], data["codes"])

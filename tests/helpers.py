@@ -13,10 +13,12 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections import Counter
 from contextlib import closing, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -54,6 +56,17 @@ def write_jpegs(
         photo_like(i, size).save(folder / name, quality=90)
         names.append(name)
     return names
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with no real pixel data."""
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = b"IDAT"
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + struct.pack(">I", 13) + ihdr + struct.pack(">I", zlib.crc32(ihdr))
+        + struct.pack(">I", 0) + idat + struct.pack(">I", zlib.crc32(idat))
+    )  # fmt: skip
 
 
 # --- imgenc and encoders -------------------------------------------------------------------
@@ -242,7 +255,11 @@ class CeleryWorker:
                 start_new_session=True,
             )
         if wait:
-            wait_for(lambda: self._ready(offset), 180, f"celery worker {self.name} to be ready")
+            try:
+                wait_for(lambda: self._ready(offset), 180, f"celery worker {self.name} to be ready")
+            except BaseException:
+                self.stop(kill=True)  # never leave a half-started worker behind
+                raise
         return self
 
     def _ready(self, offset: int) -> bool:
@@ -291,17 +308,28 @@ class SeaweedS3:
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
-        self.port = self._grpc_safe_port()
         self.proc: subprocess.Popen | None = None
-        self.ports = {name: self._grpc_safe_port() for name in ("master", "volume", "filer")}
+        s3, master, volume, filer = self._free_ports(4)
+        self.port = s3
+        self.ports = {"master": master, "volume": volume, "filer": filer}
         workdir.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
-    def _grpc_safe_port() -> int:
-        while True:  # weed listens on port + 10000 for gRPC too
+    def _free_ports(n: int) -> list[int]:
+        """``n`` free ports whose gRPC twins (weed listens on port + 10000 too) are free and
+        collide neither with each other nor with the others."""
+        chosen: list[int] = []
+        taken: set[int] = set()
+        while len(chosen) < n:
             port = free_port()
-            if port < 55000 and not port_open(port + 10000):
-                return port
+            if (
+                port < 55000
+                and {port, port + 10000}.isdisjoint(taken)
+                and not port_open(port + 10000)
+            ):
+                chosen.append(port)
+                taken |= {port, port + 10000}
+        return chosen
 
     @property
     def endpoint(self) -> str:
@@ -327,6 +355,7 @@ class SeaweedS3:
                     "-ip.bind=127.0.0.1",
                     "-s3",
                     f"-s3.port={self.port}",
+                    "-s3.port.iceberg=0",  # its catalog server would take the fixed port 8181
                     f"-master.port={self.ports['master']}",
                     f"-volume.port={self.ports['volume']}",
                     f"-filer.port={self.ports['filer']}",
@@ -398,6 +427,63 @@ def touch_files(folder: Path, n: int) -> Path:
     for i in range(n):
         (folder / f"{i:07d}.jpg").touch()
     return folder
+
+
+class SearchServer:
+    """``imgenc serve DEST`` as a user runs it (a real uvicorn), on a free loopback port."""
+
+    def __init__(self, dest: str, log: Path, env: dict[str, str] | None = None, *args: str):
+        self.dest, self.log, self.args = dest, log, args
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("IMGENC_")}
+        self.env.update({"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1", **(env or {})})
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True) -> SearchServer:
+        command = [sys.executable, "-m", "imgenc", "serve", self.dest, "--port", str(self.port)]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [*command, *self.args],
+                cwd=REPO,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        if wait:
+            try:
+                wait_for(self._up, 180, "imgenc serve")
+            except BaseException:
+                self.stop()
+                raise
+        return self
+
+    def _up(self) -> bool:
+        import httpx
+
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"imgenc serve exited {self.proc.returncode}: {self.text()[-3000:]}")
+        try:
+            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.proc = None
 
 
 # --- what a job executed and wrote ---------------------------------------------------------

@@ -16,7 +16,6 @@ import shutil
 import struct
 import subprocess
 import tempfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -31,26 +30,12 @@ from tests.helpers import (
     free_port,
     imgenc,
     photo_like,
+    png_header,
     port_open,
     wait_for,
     worker_env,
     write_jpegs,
 )
-
-
-def _png(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height, with no real pixel data."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = b"IHDR" + ihdr
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + struct.pack(">I", 13)
-        + chunk
-        + struct.pack(">I", zlib.crc32(chunk))
-        + struct.pack(">I", 0)
-        + b"IDAT"
-        + struct.pack(">I", zlib.crc32(b"IDAT"))
-    )
 
 
 def _jpeg(seed: int = 0, size=(64, 48), mode: str = "RGB", **kw) -> bytes:
@@ -83,9 +68,9 @@ def build_hostile_folder(root: Path, outside: Path) -> dict[str, str]:
     sof = jpeg.index(b"\xff\xc0")
     jpeg[sof + 5 : sof + 9] = struct.pack(">HH", 65535, 65535)  # JPEG's largest possible claim
     put("claims-65535x65535.jpg", bytes(jpeg), "too_large")
-    put("claims-100000x100000.png", _png(100000, 100000), "too_large")
+    put("claims-100000x100000.png", png_header(100000, 100000), "too_large")
     side = int((Image.MAX_IMAGE_PIXELS + 10) ** 0.5) + 1
-    put("bomb-just-over-limit.png", _png(side, side), "too_large")
+    put("bomb-just-over-limit.png", png_header(side, side), "too_large")
     frames = [Image.new("P", (16, 16), i % 256) for i in range(2000)]
     put("2000-frames.gif", _saved(frames[0], "GIF", save_all=True, append_images=frames[1:]), "ok")
     deep = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16

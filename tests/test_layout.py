@@ -51,8 +51,12 @@ def test_the_queue_contract_depends_on_the_encoder_only():
 
 
 def test_producer_and_worker_depend_on_encoder_and_the_contract_never_on_each_other():
-    assert GRAPH["producer"] <= {"encoder", "jobs"}
+    assert GRAPH["producer"] <= {"encoder", "jobs"} and "jobs" in GRAPH["producer"]
     assert GRAPH["worker"] <= {"encoder", "jobs"}
+
+
+def test_the_query_half_depends_on_the_encoder_only():
+    assert GRAPH["search"] == {"encoder"}
 
 
 def test_nothing_imports_the_command_line():

@@ -1,5 +1,6 @@
-"""The Celery tasks: ``imgenc.encode_chunk`` (a chunk of image paths to one shard) and
-``imgenc.finalize_job`` (merge the manifest once every chunk is in).
+"""The Celery tasks: ``imgenc.encode_chunk`` (a chunk of image paths to one shard),
+``imgenc.finalize_job`` (merge the manifest once every chunk is in) and
+``imgenc.encode_images`` (query images to codes, for ``imgenc serve --workers``).
 
 A chunk message (``jobs.messages.ChunkMessage``) names its job, its number, the
 destination, the spec fingerprint the job expects and the paths, relative to the image
@@ -24,10 +25,13 @@ Registry (Redis) errors requeue the chunk.  Any other unexpected error is retrie
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import socket
 from typing import Any
 
+import numpy as np
 from celery.exceptions import Reject, Retry
 from celery.utils.log import get_task_logger
 from redis.exceptions import RedisError
@@ -40,8 +44,12 @@ from encoder.storage import StorageError
 from encoder.writer import ShardWriter
 from jobs.messages import (
     ENCODE_CHUNK,
+    ENCODE_IMAGES,
     FINALIZE_JOB,
+    MAX_IMAGE_BYTES,
     ChunkMessage,
+    EncodedImages,
+    EncodeImagesMessage,
     FinalizeMessage,
     MalformedMessage,
 )
@@ -312,3 +320,40 @@ def finalize_job(self: Any, **kwargs: Any) -> bool:
         return finalize_if_complete(get_state(), message.job_id, message.dest)
     except StorageError as exc:
         raise self.retry(exc=exc, countdown=TASK_RETRY_COUNTDOWN) from None
+
+
+@app.task(name=ENCODE_IMAGES, bind=True, ignore_result=False, acks_late=True)
+def encode_images(self: Any, **kwargs: Any) -> dict[str, Any]:
+    """Query images (base64) to packed codes, for ``imgenc serve --workers``: decoded by the
+    same loader, under the same watchdog, encoded in one batch."""
+    try:
+        message = EncodeImagesMessage.from_kwargs(kwargs)
+    except MalformedMessage as exc:
+        log.error("refusing malformed encode_images message: %s", exc)
+        raise Reject(str(exc), requeue=False) from None
+    state = get_state()
+    encoder = state.encoder
+    if message.fingerprint != encoder.spec.fingerprint:
+        reason = f"worker spec {encoder.spec.fingerprint} differs from {message.fingerprint}"
+        n = len(message.images)
+        return EncodedImages(
+            encoder.spec.fingerprint, ["spec_mismatch"] * n, [reason] * n, ""
+        ).to_json()
+    loader = ImageLoader("/", encoder.input_size, max_file_bytes=MAX_IMAGE_BYTES)
+    results = []
+    for name, data in zip(message.names, message.images, strict=True):
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        results.append(
+            state.watchdog.watch(name, lambda raw=raw, name=name: loader.load_bytes(raw, name))
+        )
+    pixels = [r.pixels for r in results if r.ok]
+    codes = encoder.encode(np.stack(pixels)) if pixels else encoder.empty_codes
+    return EncodedImages(
+        encoder.spec.fingerprint,
+        [str(r.status) for r in results],
+        [r.error for r in results],
+        base64.b64encode(codes.tobytes()).decode("ascii"),
+    ).to_json()

@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 from encoder.images import ImageLoader, LoadResult
 
@@ -52,11 +53,15 @@ class DecodeWatchdog:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     def load(self, loader: ImageLoader, image_id: str) -> LoadResult:
+        return self.watch(image_id, lambda: loader.load(image_id))
+
+    def watch(self, image_id: str, decode: Callable[[], LoadResult]) -> LoadResult:
+        """Run ``decode`` (one image's decoding) under the time limit."""
         key = threading.get_ident()
         with self._lock:
             self._started[key] = (image_id, time.monotonic())
         try:
-            return loader.load(image_id)
+            return decode()
         finally:
             with self._lock:
                 self._started.pop(key, None)

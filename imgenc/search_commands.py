@@ -1,0 +1,206 @@
+"""``imgenc search``, ``similar``, ``dedup``, ``index`` and ``serve``: the query half, over
+a destination that ``imgenc encode`` or the workers wrote."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+AddModelArgs = Callable[[argparse.ArgumentParser], None]
+
+
+def _open_index(args: argparse.Namespace) -> Any:
+    from search import Index
+
+    return Index.open(args.dest, kind=getattr(args, "kind", None))
+
+
+def _error(message: object) -> int:
+    print(f"imgenc: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A destination without codes, a spec mismatch or a storage error is one line."""
+
+    def run(args: argparse.Namespace) -> int:
+        from encoder.model import WeightsUnavailable
+        from encoder.spec import SpecMismatch
+        from encoder.storage import StorageError
+
+        try:
+            return func(args)
+        except KeyError as exc:
+            return _error(f"{args.dest} holds no codes (no spec.json): {exc.args[0]}")
+        except (SpecMismatch, WeightsUnavailable, StorageError, ValueError) as exc:
+            return _error(exc)
+
+    return run
+
+
+def _print_neighbours(query: str, status: str, error: str, results: list[dict]) -> None:
+    print(f"{query}: {status}" + (f" ({error})" if error else ""))
+    for rank, r in enumerate(results, 1):
+        print(f"  {rank:>3}  {r['distance']:>6}  {r['id']}")
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    index = _open_index(args)
+    encoder = index.embedded_encoder(weights=args.query_weights)
+    answers = index.query(args.images, args.k, encoder=encoder)
+    for answer in answers:
+        if args.json:
+            print(json.dumps(answer.to_json(), ensure_ascii=False))
+        else:
+            _print_neighbours(answer.query, answer.status, answer.error, answer.results)
+    return 0 if all(a.status == "ok" for a in answers) else 1
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    index = _open_index(args)
+    if args.image_id not in index:
+        return _error(f"no image {args.image_id!r} among the {len(index)} ok images of {args.dest}")
+    found = index.similar(args.image_id, args.k).to_json()
+    if args.json:
+        print(json.dumps({"query": args.image_id, "status": "ok", "results": found}))
+    else:
+        _print_neighbours(args.image_id, "ok", "", found)
+    return 0
+
+
+def cmd_dedup(args: argparse.Namespace) -> int:
+    from search.duplicates import find_duplicates
+
+    groups = find_duplicates(_open_index(args), args.max_distance)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8", newline="") as f:
+            f.write(groups.to_csv())
+        print(f"groups written to {args.out}")
+    print(groups.summary())
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    index = _open_index(args)
+    d = index.describe()
+    print(
+        f"{args.dest}: {d['images']} images in a {d['kind']} index "
+        f"({d['code_bytes']}-byte codes, {d['stored_bytes']} as stored), saved under "
+        f"{args.dest}/index/"
+    )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from search.service import SearchService, create_app, is_loopback, serve
+
+    auth = None
+    if args.auth:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            return _error("--auth takes USER:PASSWORD")
+        auth = (user, password)
+    elif not is_loopback(args.host) and not args.no_auth:
+        return _error(
+            f"--host {args.host} serves beyond this machine: add --auth USER:PASSWORD "
+            "(or --no-auth if something in front of it authenticates)"
+        )
+    try:
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as exc:
+        return _error(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+    index = _open_index(args)
+    settings = args.settings
+    if args.workers:
+        from producer.remote_encoder import RemoteQueryEncoder
+
+        encoder: Any = RemoteQueryEncoder(settings, index.spec, timeout=args.query_timeout)
+    else:
+        encoder = index.embedded_encoder(weights=args.query_weights)
+        encoder.warm_up()
+    service = SearchService(
+        index, encoder, image_root=settings.image_root, refresh_seconds=args.refresh_seconds
+    )
+    app = create_app(
+        service,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        auth=auth,
+        query_timeout=args.query_timeout + 5,
+    )
+    mode = "Celery workers" if args.workers else "this process"
+    print(
+        f"serving {len(index)} images of {args.dest} on http://{args.host}:{args.port}/ "
+        f"(queries encoded by {mode})",
+        file=sys.stderr,
+        flush=True,
+    )
+    serve(app, args.host, args.port)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction, add_model_args: AddModelArgs) -> None:
+    def common(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("dest", help="destination directory or s3://bucket/prefix")
+        parser.add_argument("-k", type=int, default=10, help="results per query [10]")
+        parser.add_argument("--json", action="store_true", help="JSON Lines, one per query")
+
+    def query_weights(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--weights",
+            dest="query_weights",
+            help="the weights file the codes were made with, when they were made with one",
+        )
+
+    search = sub.add_parser("search", help="the nearest catalogue images to query photos")
+    common(search)
+    search.add_argument("images", nargs="+", metavar="IMAGE")
+    query_weights(search)
+    search.set_defaults(func=_guarded(cmd_search))
+
+    similar = sub.add_parser("similar", help="the nearest images to a catalogue image")
+    common(similar)
+    similar.add_argument("image_id", help="id as in manifest.csv")
+    similar.set_defaults(func=_guarded(cmd_similar))
+
+    dedup = sub.add_parser("dedup", help="near-duplicate groups, and the files that could go")
+    dedup.add_argument("dest")
+    dedup.add_argument(
+        "--max-distance",
+        type=int,
+        help="most bits two copies may differ by [5%% of the bits pooled, 12%% spatial]",
+    )
+    dedup.add_argument("--out", help="CSV of the groups: group, id, distance to the kept image")
+    dedup.set_defaults(func=_guarded(cmd_dedup))
+
+    index = sub.add_parser("index", help="build or update the search index of a destination")
+    index.add_argument("dest")
+    index.add_argument("--kind", choices=("flat", "hnsw"), help="exact (flat) or HNSW [flat]")
+    index.set_defaults(func=_guarded(cmd_index))
+
+    serve = sub.add_parser("serve", help="the search service and its results page")
+    serve.add_argument("dest")
+    serve.add_argument("--host", default="127.0.0.1", help="[127.0.0.1: this machine only]")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--auth", metavar="USER:PASSWORD", help="HTTP basic auth")
+    serve.add_argument("--no-auth", action="store_true", help="allow a non-loopback --host bare")
+    serve.add_argument(
+        "--workers",
+        action="store_true",
+        help="encode query images on the Celery workers (IMGENC_BROKER_URL) instead of here",
+    )
+    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="upload cap [20]")
+    serve.add_argument("--query-timeout", type=float, default=30.0, help="s to wait for a worker")
+    serve.add_argument("--image-root", help="where the catalogue images are, for thumbnails")
+    serve.add_argument(
+        "--refresh-seconds",
+        type=float,
+        default=30.0,
+        help="how often to take in what new jobs added to DEST [30]",
+    )
+    query_weights(serve)
+    serve.set_defaults(func=_guarded(cmd_serve))

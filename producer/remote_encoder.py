@@ -1,0 +1,67 @@
+"""``RemoteQueryEncoder``: query images encoded by the Celery workers, not in this process.
+
+It sends one ``imgenc.encode_images`` message per batch of query images (base64 in JSON)
+to ``<queue>.queries`` and waits for the result in the Redis result backend.  The web
+process then needs no model and no TensorFlow.  When no worker answers within
+``timeout`` seconds, it raises ``NoWorkerAnswered`` with what to check.  A worker built for
+another code spec answers ``spec_mismatch`` for every image.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+from kombu.utils.url import maybe_sanitize_url
+
+from encoder.images import ImageStatus, LoadResult
+from encoder.settings import Settings
+from encoder.spec import CodeSpec
+from jobs.celery_app import make_app
+from jobs.messages import (
+    ENCODE_IMAGES,
+    QUERY_QUEUE_SUFFIX,
+    EncodedImages,
+    EncodeImagesMessage,
+    NoWorkerAnswered,
+)
+
+
+class RemoteQueryEncoder:
+    def __init__(self, settings: Settings, spec: CodeSpec, timeout: float = 30.0) -> None:
+        self.settings = settings
+        self.spec = spec
+        self.timeout = timeout  # s
+        self.queue = settings.queue + QUERY_QUEUE_SUFFIX
+        self.app = make_app(settings)
+
+    def encode(self, images: list[tuple[str, bytes]]) -> tuple[list[LoadResult], np.ndarray]:
+        from celery.exceptions import TimeoutError as CeleryTimeout
+
+        message = EncodeImagesMessage(
+            self.spec.fingerprint,
+            [name for name, _ in images],
+            [base64.b64encode(data).decode("ascii") for _, data in images],
+        )
+        pending = self.app.send_task(
+            ENCODE_IMAGES, kwargs=message.to_kwargs(), queue=self.queue, expires=self.timeout
+        )
+        try:
+            answer = EncodedImages.from_json(pending.get(timeout=self.timeout))
+        except CeleryTimeout:
+            pending.forget()
+            raise NoWorkerAnswered(
+                f"no worker answered within {self.timeout:.0f} s on queue {self.queue} at "
+                f"{maybe_sanitize_url(self.settings.broker_url)}: start one with "
+                "`celery -A worker worker` (its IMGENC_* model settings must match the "
+                "destination's spec)"
+            ) from None
+        results = [
+            LoadResult(id=name, path="", status=ImageStatus(status), error=error)
+            for (name, _), status, error in zip(images, answer.statuses, answer.errors, strict=True)
+        ]
+        raw = base64.b64decode(answer.codes) if answer.codes else b""
+        codes = np.frombuffer(raw, np.uint8).reshape(-1, self.spec.bytes_per_code)
+        if codes.shape[0] != sum(r.ok for r in results):
+            raise ValueError("the worker's answer holds a code count that does not match")
+        return results, codes

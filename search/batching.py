@@ -1,0 +1,69 @@
+"""``MicroBatcher``: requests that arrive together are processed in one call.
+
+A model encodes a batch of 8 images in much less than 8 times the time of one, so when
+several users query at once, their images are gathered for up to ``max_wait`` seconds
+(or until ``max_batch`` items) and handed to ``process`` together, in one thread.  Each
+caller gets a ``Future`` for its own item.  A lone request waits at most ``max_wait``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Generic, TypeVar
+
+log = logging.getLogger("imgenc.search")
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class MicroBatcher(Generic[Item, Result]):
+    def __init__(
+        self,
+        process: Callable[[list[Item]], list[Result]],
+        max_batch: int = 32,
+        max_wait: float = 0.005,  # s
+    ) -> None:
+        self.process = process
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.batches = 0  # calls of `process`
+        self.items = 0  # items processed
+        self._queue: queue.Queue[tuple[Item, Future[Result]]] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, item: Item) -> Future[Result]:
+        future: Future[Result] = Future()
+        self._queue.put((item, future))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            deadline = time.monotonic() + self.max_wait
+            while len(batch) < self.max_batch:
+                left = deadline - time.monotonic()
+                try:
+                    batch.append(
+                        self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+                    )
+                except queue.Empty:
+                    break
+            items = [item for item, _ in batch]
+            try:
+                results = self.process(items)
+            except Exception as exc:  # hand the error to every caller of this batch
+                log.exception("a batch of %d queries failed", len(items))
+                for _, future in batch:
+                    future.set_exception(exc)
+                continue
+            self.batches += 1
+            self.items += len(items)
+            for (_, future), result in zip(batch, results, strict=True):
+                future.set_result(result)

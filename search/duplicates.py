@@ -1,0 +1,179 @@
+"""Near-duplicate groups: images whose codes are all within ``max_distance`` of each other.
+
+1. Every image's neighbours within ``max_distance`` are found through the index, in batches:
+   the ``k`` nearest first, and a faiss range search only for images whose ``k``-th
+   neighbour is still within the threshold (a cluster of many copies).  Memory is
+   O(N·k) plus the pairs found, never N×N.
+2. Pairs are taken nearest first (ties by the ids' order) and two groups merge only if
+   *every* image of one is within ``max_distance`` of every image of the other (complete
+   linkage).  So nothing chains: if A–B and B–C are close but A and C are far apart, A and C
+   never share a group.
+3. In each group one image is kept, by this rule: the most pixels (width × height as
+   stored), then the largest file, then the smallest id.  The others are the files that
+   could go; each row gives its distance to the kept image.
+
+Everything is deterministic: the same codes give the same groups in the same order.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from encoder.storage import Storage
+from search.index import Index
+
+# Default thresholds, as a share of the code's bits, measured with `python -m bench`
+# (group "dedup"): see docs/performance.md.
+DEFAULT_MAX_DISTANCE_SHARE = {"pooled": 0.05, "spatial": 0.12}
+NEIGHBOURS = 32  # k of the first search per image
+BATCH = 2048  # images searched per faiss call
+
+
+def default_max_distance(index: Index) -> int:
+    bits = int(np.prod(index.spec.code_shape))
+    return int(round(DEFAULT_MAX_DISTANCE_SHARE[index.spec.layout] * bits))
+
+
+@dataclass
+class DuplicateGroups:
+    """Groups of near-duplicates, each ``[(kept id, 0), (id, distance to kept), ...]``."""
+
+    max_distance: int
+    groups: list[list[tuple[str, int]]] = field(default_factory=list)
+    images: int = 0  # images looked at
+
+    @property
+    def removable(self) -> list[str]:
+        """Every image but the kept one of each group: the files that could go."""
+        return [image_id for group in self.groups for image_id, _ in group[1:]]
+
+    def rows(self) -> list[dict[str, object]]:
+        return [
+            {"group": g, "id": image_id, "distance": distance}
+            for g, group in enumerate(self.groups)
+            for image_id, distance in group
+        ]
+
+    def to_csv(self) -> str:
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, ["group", "id", "distance"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows())
+        return buffer.getvalue()
+
+    def summary(self) -> str:
+        in_groups = sum(len(g) for g in self.groups)
+        return (
+            f"{len(self.groups)} groups of near-duplicates (max distance {self.max_distance}) "
+            f"among {self.images} images: {in_groups} images in groups, "
+            f"{len(self.removable)} files could go (one kept per group)"
+        )
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "max_distance": self.max_distance,
+            "images": self.images,
+            "groups": [
+                [{"id": image_id, "distance": d} for image_id, d in group] for group in self.groups
+            ],
+            "removable": len(self.removable),
+        }
+
+
+def close_pairs(index: Index, max_distance: int, k: int = NEIGHBOURS) -> dict[tuple[int, int], int]:
+    """``(position a, position b) -> distance`` for every pair within ``max_distance``
+    (a < b), found with k-nearest searches and range searches where k was not enough."""
+    pairs: dict[tuple[int, int], int] = {}
+    total = len(index)
+    k = min(k + 1, total)
+    for start in range(0, total, BATCH):
+        stop = min(total, start + BATCH)
+        codes = index.padded_codes(start, stop)
+        distances, positions = index.raw_search(codes, k)
+        # Rows whose k-th neighbour is still close may have more: a range search gets all.
+        crowded = np.flatnonzero(distances[:, -1] <= max_distance) if k < total else []
+        for row in sorted(set(range(stop - start)) - set(crowded.tolist() if len(crowded) else [])):
+            _add_pairs(pairs, start + row, distances[row], positions[row], max_distance)
+        if len(crowded):
+            lims, r_distances, r_positions = index.range_search(codes[crowded], max_distance + 1)
+            for n, row in enumerate(crowded):
+                lo, hi = lims[n], lims[n + 1]
+                found_d, found_p = r_distances[lo:hi], r_positions[lo:hi]
+                _add_pairs(pairs, start + int(row), found_d, found_p, max_distance)
+    return pairs
+
+
+def _pair(a: int, b: int) -> tuple[int, int]:
+    return (a, b) if a < b else (b, a)
+
+
+def _add_pairs(
+    pairs: dict[tuple[int, int], int],
+    me: int,
+    distances: np.ndarray,
+    positions: np.ndarray,
+    max_distance: int,
+) -> None:
+    for d, other in zip(distances, positions, strict=True):
+        if other < 0 or other == me or d > max_distance:
+            continue
+        pairs[_pair(me, int(other))] = int(d)
+
+
+def _keep_rank(index: Index, image_id: str) -> tuple[int, int, str]:
+    """Sort key of the image to keep: most pixels, then largest file, then smallest id."""
+    row = index.row(image_id)
+
+    def number(name: str) -> int:
+        try:
+            return int(row.get(name) or 0)
+        except ValueError:
+            return 0
+
+    return (-number("width") * number("height"), -number("size"), image_id)
+
+
+def find_duplicates(index: Index, max_distance: int | None = None) -> DuplicateGroups:
+    """The near-duplicate groups of an index; see the module docstring."""
+    if max_distance is None:
+        max_distance = default_max_distance(index)
+    index = index.exact()
+    ids = index.ids
+    pairs = close_pairs(index, max_distance)
+    order = sorted(pairs, key=lambda p: (pairs[p], *sorted((ids[p[0]], ids[p[1]]))))
+    group_of: dict[int, int] = {}
+    members: dict[int, list[int]] = {}
+    for a, b in order:
+        ga, gb = group_of.get(a, a), group_of.get(b, b)
+        if ga == gb:
+            continue
+        ma, mb = members.get(ga, [a]), members.get(gb, [b])
+        if not all(_pair(x, y) in pairs for x in ma for y in mb):
+            continue  # complete linkage: some pair across the two groups is too far apart
+        keep, gone = (ga, gb) if len(ma) >= len(mb) else (gb, ga)
+        merged = ma + mb
+        members[keep] = merged
+        members.pop(gone, None)
+        for m in merged:
+            group_of[m] = keep
+    groups = []
+    for positions in members.values():
+        kept, *others = sorted(positions, key=lambda p: _keep_rank(index, ids[p]))
+        others.sort(key=lambda p: (pairs[_pair(kept, p)], ids[p]))
+        groups.append([(ids[kept], 0)] + [(ids[p], pairs[_pair(kept, p)]) for p in others])
+    groups.sort(key=lambda g: g[0][0])
+    return DuplicateGroups(max_distance, groups, len(ids))
+
+
+def duplicates(dest: str | Storage, max_distance: int | None = None) -> DuplicateGroups:
+    """The near-duplicate groups of a destination (its index is built or updated first)."""
+    return find_duplicates(Index.open(dest), max_distance)
+
+
+def write_groups_csv(groups: DuplicateGroups, path: str | Path) -> None:
+    Path(path).write_text(groups.to_csv(), encoding="utf-8")

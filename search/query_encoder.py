@@ -1,0 +1,124 @@
+"""Encoding query images so that their codes meet a destination's stored codes.
+
+``QueryEncoder`` is what the search needs: images in (name and bytes), one ``LoadResult``
+per image and one packed code per ok image out.  ``EmbeddedQueryEncoder`` builds the
+model that the destination's spec describes, in this process, and decodes through the
+same ``ImageLoader`` as the encoder (a bad query image gets its status, never an
+exception).  A spec this installation cannot reproduce (other weights, another Keras for
+ImageNet weights...) is refused with the differing fields named.  The Celery workers can
+encode queries too (``producer.RemoteQueryEncoder``), with the same interface.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from encoder.images import DEFAULT_MAX_FILE_BYTES, ImageLoader, LoadResult
+from encoder.manifest import CENTER_KEY
+from encoder.settings import Settings
+from encoder.spec import CodeSpec, SpecMismatch, settings_for_spec
+from encoder.storage import Storage
+
+QueryImage = tuple[str, bytes]  # (a name for the results, the file's bytes)
+
+
+class QueryEncoder(Protocol):
+    spec: CodeSpec
+
+    def encode(self, images: list[QueryImage]) -> tuple[list[LoadResult], np.ndarray]:
+        """One result per image, and ``(n_ok, bytes_per_code)`` codes of the ok ones."""
+        ...
+
+
+def read_query_images(paths: list[str]) -> list[QueryImage]:
+    """Query files read as bytes; a file that cannot be read gives empty bytes (status
+    ``empty``) rather than an exception, so one bad query never stops the others."""
+    images = []
+    for path in paths:
+        try:
+            images.append((path, Path(path).read_bytes()))
+        except OSError:
+            images.append((path, b""))
+    return images
+
+
+def center_file(storage: Storage, spec: CodeSpec, folder: Path) -> str | None:
+    """The destination's centre, copied to ``folder`` and checked against the spec."""
+    if not spec.center_sha256:
+        return None
+    data = storage.get(CENTER_KEY)
+    if hashlib.sha256(data).hexdigest() != spec.center_sha256:
+        raise SpecMismatch(f"{CENTER_KEY} in {storage.url} does not match the spec's centre")
+    path = folder / "center.npy"
+    path.write_bytes(data)
+    return str(path)
+
+
+class EmbeddedQueryEncoder:
+    """The destination's model, built in this process."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        spec: CodeSpec,
+        base: Settings,
+        weights: str | None = None,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    ) -> None:
+        from encoder.model import Encoder
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="imgenc-query-")
+        center = center_file(storage, spec, Path(self._tmp.name))
+        self.settings = settings_for_spec(spec, base, weights, center)
+        self.spec = spec
+        self.encoder = Encoder(self.settings)
+        self.loader = ImageLoader(self._tmp.name, self.encoder.input_size, max_file_bytes)
+
+    def encode(self, images: list[QueryImage]) -> tuple[list[LoadResult], np.ndarray]:
+        results = [self.loader.load_bytes(data, name) for name, data in images]
+        pixels = [r.pixels for r in results if r.ok]
+        codes = self.encoder.encode(np.stack(pixels)) if pixels else self.encoder.empty_codes
+        for r in results:
+            r.pixels = None
+        return results, codes
+
+    def warm_up(self) -> None:
+        size = self.encoder.input_size
+        self.encoder.encode(np.zeros((1, size, size, 3), np.uint8))
+
+
+@dataclass
+class QueryResult:
+    """One query image's answer: its load status and, when ok, its nearest images."""
+
+    query: str
+    status: str
+    error: str = ""
+    results: list[dict[str, Any]] = field(default_factory=list)  # [{"id", "distance"}]
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"query": self.query, "status": self.status}
+        if self.error:
+            data["error"] = self.error
+        data["results"] = self.results
+        return data
+
+
+def answer_queries(
+    index: Any, encoder: QueryEncoder, images: list[QueryImage], k: int
+) -> list[QueryResult]:
+    """Encode ``images`` with ``encoder`` and search ``index`` for each ok one."""
+    if encoder.spec.fingerprint != index.spec.fingerprint:
+        index.spec.check_compatible(encoder.spec, what="the stored codes and this query encoder")
+    results, codes = encoder.encode(images)
+    found = iter(index.search(codes, k) if len(codes) else [])
+    return [
+        QueryResult(r.id, str(r.status), r.error, next(found).to_json() if r.ok else [])
+        for r in results
+    ]

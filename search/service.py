@@ -1,0 +1,294 @@
+"""The search service (``imgenc serve``): a FastAPI app over one destination's ``Index``.
+
+Endpoints:
+
+- ``GET /``: the results page (plain HTML and a little JS, no CDN);
+- ``POST /search``: a multipart upload (field ``image``) and ``k``; answers with the
+  same JSON as ``imgenc search --json``: ``{"query", "status", "results": [{"id",
+  "distance"}...]}``.  A broken or hostile image gets 422 with the loader's status and
+  reason; an upload over the cap gets 413;
+- ``GET /similar/{id}``: the neighbours of a catalogue image (404 for an unknown id);
+- ``GET /duplicates``: the near-duplicate groups (``?max_distance=``);
+- ``GET /thumb/{id}``: a small JPEG of a catalogue image: only ids of the index, read
+  inside the image root;
+- ``GET /healthz``: what is indexed, whether the destination has moved on, batching figures.
+
+Query images are encoded through a ``MicroBatcher``: uploads that arrive together share
+one model call.  The encoder is the destination's model in this process, or the Celery
+workers (``--workers``).  A background thread brings the index up to date with the
+destination every ``refresh_seconds``.  ``auth=(user, password)`` puts everything but
+``/healthz`` behind HTTP basic auth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import io
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request, UploadFile
+from fastapi import Query as QueryParam
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from encoder.images import ImageLoader
+from encoder.storage import StorageError
+from search.batching import MicroBatcher
+from search.duplicates import DuplicateGroups, find_duplicates
+from search.index import Index
+from search.query_encoder import QueryEncoder, QueryImage, QueryResult, answer_queries
+
+log = logging.getLogger("imgenc.search")
+
+STATIC = Path(__file__).parent / "static"
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+THUMB_SIDE = 256  # px, the longer side of a thumbnail
+THUMB_CACHE = 512  # thumbnails kept in memory
+MAX_K = 200
+
+
+@dataclass
+class Query:
+    name: str
+    data: bytes
+    k: int
+
+
+class SearchService:
+    """Everything the endpoints share: the index, the query encoder and the caches."""
+
+    def __init__(
+        self,
+        index: Index,
+        encoder: QueryEncoder,
+        image_root: str | None = None,
+        max_batch: int = 32,
+        max_wait: float = 0.005,
+        refresh_seconds: float = 30.0,
+    ) -> None:
+        self.index = index
+        self.encoder = encoder
+        self.image_root = image_root
+        self.batcher: MicroBatcher[Query, QueryResult] = MicroBatcher(
+            self._answer, max_batch, max_wait
+        )
+        self._thumbs: OrderedDict[str, bytes] = OrderedDict()
+        self._thumb_lock = threading.Lock()
+        self._duplicates: dict[tuple[str, int | None], DuplicateGroups] = {}
+        if refresh_seconds > 0:
+            threading.Thread(
+                target=self._keep_fresh, args=(refresh_seconds,), name="index-refresh", daemon=True
+            ).start()
+
+    def _answer(self, queries: list[Query]) -> list[QueryResult]:
+        k = max(q.k for q in queries)
+        images: list[QueryImage] = [(q.name, q.data) for q in queries]
+        answers = answer_queries(self.index, self.encoder, images, k)
+        for query, answer in zip(queries, answers, strict=True):
+            answer.results = answer.results[: query.k]
+        return answers
+
+    def _keep_fresh(self, seconds: float) -> None:
+        stop = threading.Event()
+        while not stop.wait(seconds):
+            try:
+                if self.index.refresh(save=False):
+                    log.info("index updated: %d images", len(self.index))
+                    try:
+                        self.index.save()
+                    except StorageError as exc:
+                        log.warning("updated index not saved (%s); serving it from memory", exc)
+            except Exception:
+                log.exception("index refresh failed; serving the previous index")
+
+    def duplicates(self, max_distance: int | None) -> DuplicateGroups:
+        key = (self.index.generation, max_distance)
+        if key not in self._duplicates:
+            self._duplicates = {key: find_duplicates(self.index, max_distance)}
+        return self._duplicates[key]
+
+    def thumbnail(self, image_id: str) -> bytes | None:
+        """A JPEG of an indexed image, or None when it is not one or cannot be read."""
+        with self._thumb_lock:
+            if image_id in self._thumbs:
+                self._thumbs.move_to_end(image_id)
+                return self._thumbs[image_id]
+        if image_id not in self.index:
+            return None
+        root = self.image_root or _root_of(self.index.row(image_id))
+        if root is None:
+            return None
+        result, picture = ImageLoader(root, THUMB_SIDE).load_picture(image_id, THUMB_SIDE)
+        if picture is None:
+            log.info("no thumbnail for %r: %s %s", image_id, result.status, result.error)
+            return None
+        buffer = io.BytesIO()
+        picture.save(buffer, "JPEG", quality=85)
+        data = buffer.getvalue()
+        with self._thumb_lock:
+            self._thumbs[image_id] = data
+            while len(self._thumbs) > THUMB_CACHE:
+                self._thumbs.popitem(last=False)
+        return data
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            **self.index.describe(),
+            "batches": self.batcher.batches,
+            "queries": self.batcher.items,
+        }
+
+
+def _root_of(row: dict[str, str]) -> str | None:
+    """The image root a manifest row was encoded under: its path without its id."""
+    path, image_id = row.get("path", ""), row.get("id", "")
+    if path.endswith("/" + image_id):
+        return path[: -len(image_id) - 1] or "/"
+    return None
+
+
+def create_app(
+    service: SearchService,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    auth: tuple[str, str] | None = None,
+    query_timeout: float = 60.0,
+) -> Any:
+    app = FastAPI(title="imgenc search", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        return service.health()
+
+    @app.post("/search")
+    async def search(request: Request, k: int = QueryParam(10, ge=1, le=MAX_K)) -> Response:
+        form = await request.form(max_files=1, max_fields=4)
+        upload = form.get("image")
+        if not isinstance(upload, UploadFile) and not hasattr(upload, "read"):
+            raise HTTPException(400, "send the image as a multipart field named 'image'")
+        data = await upload.read()
+        k = int(form.get("k") or k)
+        if not 1 <= k <= MAX_K:
+            raise HTTPException(422, f"k must be between 1 and {MAX_K}")
+        future = service.batcher.submit(Query(upload.filename or "upload", data, k))
+        try:
+            answer = await asyncio.wait_for(asyncio.wrap_future(future), query_timeout)
+        except TimeoutError as exc:  # also NoWorkerAnswered, from the Celery workers
+            raise HTTPException(503, str(exc) or "the query encoder did not answer") from None
+        status_code = 200 if answer.status == "ok" else 422
+        return JSONResponse(answer.to_json(), status_code=status_code)
+
+    @app.get("/similar/{image_id:path}")
+    def similar(image_id: str, k: int = QueryParam(10, ge=1, le=MAX_K)) -> dict[str, Any]:
+        if image_id not in service.index:
+            raise HTTPException(404, f"no image {image_id!r} in the index")
+        found = service.index.similar(image_id, k)
+        return QueryResult(image_id, "ok", "", found.to_json()).to_json()
+
+    @app.get("/duplicates")
+    def duplicates(max_distance: int | None = QueryParam(None, ge=0)) -> dict[str, Any]:
+        return service.duplicates(max_distance).to_json()
+
+    @app.get("/thumb/{image_id:path}")
+    def thumb(image_id: str) -> Response:
+        data = service.thumbnail(image_id)
+        if data is None:
+            raise HTTPException(404, f"no thumbnail for {image_id!r}")
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+
+    wrapped: Any = app
+    wrapped = UploadLimit(wrapped, max_upload_bytes)
+    if auth is not None:
+        wrapped = BasicAuth(wrapped, *auth)
+    return wrapped
+
+
+class UploadLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413, from its
+    ``Content-Length`` before anything is read, or as soon as a body without one has
+    streamed past the limit (the form parser then stops)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        from starlette.exceptions import HTTPException
+
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        detail = f"upload over the {self.limit}-byte limit"
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await _reply(send, 413, detail)
+        seen = 0
+
+        async def counted_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise HTTPException(413, detail)
+            return message
+
+        await self.app(scope, counted_receive, send)
+
+
+class BasicAuth:
+    """ASGI middleware: HTTP basic auth on everything but ``/healthz``."""
+
+    def __init__(self, app: Any, user: str, password: str) -> None:
+        self.app = app
+        self.expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path") != "/healthz":
+            given = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(given.encode(), self.expected.encode()):
+                return await _reply(
+                    send,
+                    401,
+                    "authentication required",
+                    {b"www-authenticate": b'Basic realm="imgenc"'},
+                )
+        await self.app(scope, receive, send)
+
+
+async def _reply(send: Any, status: int, detail: str, headers: dict | None = None) -> None:
+    import json
+
+    body = json.dumps({"detail": detail}).encode()
+    extra = list((headers or {}).items())
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), *extra],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+
+
+def serve(app: Any, host: str, port: int) -> None:
+    import uvicorn
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
