@@ -32,6 +32,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("-n", type=int, help="number of photos [1000; 8 with --quick]")
     parser.add_argument("--quick", action="store_true", help="a few photos, every measurement")
+    parser.add_argument(
+        "--weights",
+        default="random",
+        help="imagenet or a weights file, for the steps that encode photos (the dedup "
+        "thresholds and recall depend on them; speed does not) [random]",
+    )
     parser.add_argument("--json", default="bench-results.json", help="where to write the table")
     parser.add_argument(
         "--only", nargs="*", choices=list(measure.STEPS), help="run only these steps"
@@ -42,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    measure.WEIGHTS["weights"] = args.weights
     work = Path(tempfile.mkdtemp(prefix="imgenc-bench-"))
     try:
         count = args.n or (8 if args.quick else 1000)
@@ -58,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             f"TensorFlow {machine['tensorflow']}, GPUs {', '.join(machine['gpus']) or 'none'}"
         )
         print(
-            f"images: {photos.description}; weights: random (no ImageNet download; speed "
-            "does not depend on the weights' values)"
+            f"images: {photos.description}; weights: {args.weights} (speed does not depend "
+            "on the weights' values)"
         )
         start = time.monotonic()
         for step in measure.steps_to_run(args.only):

@@ -108,9 +108,13 @@ def seconds_per_call(fn: Callable[[], object], min_calls: int = 2) -> float:
     return (time.perf_counter() - start) / min_calls
 
 
+WEIGHTS = {"weights": "random"}  # `python -m bench --weights` changes it for the whole run
+
+
 def settings(**overrides: Any) -> Settings:
-    """The defaults with random weights and ``overrides``; this process's environment is ignored."""
-    return Settings.from_env({"weights": "random", **overrides}, environ={})
+    """The defaults with the run's weights (random unless ``--weights``) and ``overrides``;
+    this process's environment is ignored."""
+    return Settings.from_env({**WEIGHTS, **overrides}, environ={})
 
 
 def decoded_batch(ctx: Context, n: int, size: int = 224) -> np.ndarray:
@@ -455,6 +459,34 @@ def cost(ctx: Context) -> None:
     )
 
 
+# 9/10. the query half -------------------------------------------------------------------------
+def search(ctx: Context) -> None:
+    """Index build, search speed (against faiss direct and numpy), HNSW, spatial codes,
+    and ``imgenc serve`` over HTTP: groups ``search`` and ``serve``."""
+    from bench.search_measure import search as measure_search
+
+    measure_search(ctx)
+
+
+def dedup(ctx: Context) -> None:
+    """Near-duplicate groups at scale, and the variant/other-photo distances behind the
+    default threshold: group ``dedup``."""
+    from bench.dedup_measure import dedup as measure_dedup
+
+    measure_dedup(ctx)
+
+
+# 11. runtimes and precisions ---------------------------------------------------------------
+def runtime(ctx: Context) -> None:
+    """TensorFlow against OpenVINO in fp32, bf16 and int8: speed from files to codes, the
+    compile settings, code fidelity and near-duplicate recall, the distributed path on
+    OpenVINO int8 workers and their start-up and memory: groups ``runtime``,
+    ``runtime-fidelity`` and ``runtime-cost``."""
+    from bench.runtime_measure import runtime as measure_runtime
+
+    measure_runtime(ctx)
+
+
 STEPS: dict[str, Callable[[Context], None]] = {
     "ceiling": compute_ceiling,
     "embedded": embedded,
@@ -463,12 +495,16 @@ STEPS: dict[str, Callable[[Context], None]] = {
     "queue": queue_capacity,
     "fidelity": fidelity,
     "cost": cost,
+    "search": search,
+    "dedup": dedup,
+    "runtime": runtime,
 }
 NEEDS: dict[str, tuple[str, ...]] = {  # figures a step divides by come from these steps
     "embedded": ("ceiling",),
     "notebook": ("ceiling", "embedded"),
     "distributed": ("ceiling",),
     "fidelity": ("ceiling",),
+    "runtime": ("ceiling",),
 }
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from encoder.manifest import SPEC_KEY, Row, read_manifest
+from encoder.manifest import SPEC_KEY, read_manifest
 from encoder.spec import CodeSpec
 from encoder.storage import LocalStorage, Storage, open_storage
 
@@ -58,16 +58,16 @@ def load_codes(dest: str | Path) -> tuple[np.ndarray, np.ndarray]:
     spec = read_spec(storage)
     rows = [r for r in read_manifest(storage) if r["status"] == "ok"]
     ids = np.array([r["id"] for r in rows], dtype=str)
-    return ids, codes_for_rows(storage, spec, rows)
+    return ids, codes_at(storage, spec, [(r["shard"], int(r["row"])) for r in rows])
 
 
-def codes_for_rows(storage: Storage, spec: CodeSpec, rows: list[Row]) -> np.ndarray:
-    """``(len(rows), bytes_per_code)`` codes of ok manifest ``rows``, in their order, each
-    shard read once."""
-    codes = np.empty((len(rows), spec.bytes_per_code), np.uint8)
+def codes_at(storage: Storage, spec: CodeSpec, locations: list[tuple[str, int]]) -> np.ndarray:
+    """``(len(locations), bytes_per_code)`` codes stored at ``(shard key, row)``
+    locations (the manifest's ``shard`` and ``row``), in their order, each shard read once."""
+    codes = np.empty((len(locations), spec.bytes_per_code), np.uint8)
     by_shard: dict[str, list[tuple[int, int]]] = {}
-    for i, row in enumerate(rows):
-        by_shard.setdefault(row["shard"], []).append((i, int(row["row"])))
+    for i, (shard, row) in enumerate(locations):
+        by_shard.setdefault(shard, []).append((i, row))
     for key, pairs in by_shard.items():
         shard = _load_shard(storage, key)
         targets, sources = zip(*pairs, strict=True)

@@ -59,10 +59,10 @@ def fit_center(
 ) -> tuple[np.ndarray, int]:
     """Mean feature vector over the first ``sample`` images found; returns (centre, images
     that decoded)."""
-    from encoder.model import Encoder
+    from encoder.model import load_encoder
 
     if encoder is None:
-        encoder = Encoder(settings.replace(center=None))
+        encoder = load_encoder(settings.replace(center=None))
     mean = FeatureMean()
     bar = TqdmProgress(sample, progress, desc="fit-center")
     runner = Runner(

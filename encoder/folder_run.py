@@ -56,15 +56,15 @@ def encode_folder(
     encoder: Any | None = None,
 ) -> RunSummary:
     """Encode every image under ``image_dir`` into ``dest``; see ``imgenc encode --help``."""
-    from encoder.model import Encoder
+    from encoder.model import load_encoder
 
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise NotADirectoryError(f"{image_dir} is not a directory")
     spec = spec_for(settings)
-    storage, skip = open_destination(dest, spec, settings.center, resume)
+    storage, skip = open_destination(dest, spec, settings, resume)
     todo = sum(1 for e in scan_images(image_dir) if e.resume_key not in skip)
-    enc = encoder if encoder is not None else Encoder(settings)
+    enc = encoder if encoder is not None else load_encoder(settings)
     writer = ShardWriter(storage, spec, new_run_id(), settings.shard_size, settings.flush_seconds)
     bar = TqdmProgress(todo, progress)
     runner = Runner(

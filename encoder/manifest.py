@@ -4,6 +4,7 @@ Layout of a destination (local directory or S3 prefix)::
 
     spec.json                 the code spec (encoder.spec.CodeSpec)
     center.npy                the centre (only for --center codes; its SHA-256 is in the spec)
+    calibration.npz           the int8 calibration sample (only for int8 codes; hashed likewise)
     codes/<shard>.npy         uint8 (n, bytes_per_code) bit-packed codes, one row per ok image
     parts/<shard>.csv         manifest rows for that shard, written after the shard
     manifest.csv              all parts merged: one row per image id
@@ -41,6 +42,7 @@ COLUMNS = (
 )
 SPEC_KEY = "spec.json"
 CENTER_KEY = "center.npy"  # the mean feature subtracted before hashing, when --center is used
+CALIBRATION_KEY = "calibration.npz"  # the int8 calibration sample, when --precision int8
 MANIFEST_KEY = "manifest.csv"
 PARTS_PREFIX = "parts"
 CODES_PREFIX = "codes"
@@ -68,7 +70,9 @@ def read_parts(storage: Storage, threads: int = 16) -> Iterator[Row]:
             yield from csv_to_rows(data)
 
 
-def _rank(row: Row) -> tuple[int, str]:
+def row_rank(row: Row) -> tuple[int, str]:
+    """How rows of one image compete in the merge: an ok row beats a failure, then the
+    latest ``encoded_at`` wins (on equal ranks, the row seen last)."""
     return (1 if row.get("status") == "ok" else 0, row.get("encoded_at", ""))
 
 
@@ -77,7 +81,7 @@ def deduplicate(rows: Iterable[Row]) -> list[Row]:
     best: dict[str, Row] = {}
     for row in rows:
         current = best.get(row["id"])
-        if current is None or _rank(row) >= _rank(current):
+        if current is None or row_rank(row) >= row_rank(current):
             best[row["id"]] = row
     return [best[k] for k in sorted(best)]
 

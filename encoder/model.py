@@ -98,6 +98,16 @@ def build_model(settings: Settings, center: np.ndarray | None = None) -> Any:
         keras.config.set_dtype_policy(previous)
 
 
+def load_encoder(settings: Settings) -> Any:
+    """The encoder ``settings`` ask for: ``Encoder`` (TensorFlow), or on ``--runtime
+    openvino`` an ``OpenVinoEncoder``; both take uint8 pixels and give packed codes."""
+    if settings.runtime == "openvino":
+        from encoder.openvino_runtime import OpenVinoEncoder
+
+        return OpenVinoEncoder(settings)
+    return Encoder(settings)
+
+
 class Encoder:
     """Pixels in, packed codes out, with the spec those codes are made under."""
 

@@ -22,7 +22,8 @@ ENV_PREFIX = "IMGENC_"
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 
 LAYOUTS = ("spatial", "pooled")
-PRECISIONS = ("fp32", "bf16")
+RUNTIMES = ("tensorflow", "openvino")
+PRECISIONS = ("fp32", "bf16", "int8")  # int8: OpenVINO only, from a calibration sample
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class Settings:
     weights: str = "imagenet"  # "imagenet", "random" or a path to a Keras weights file
     precision: str = "fp32"
     center: str | None = None  # path to a centre file from `imgenc fit-center`, or None
+    runtime: str = "tensorflow"  # or "openvino" (CPU workers; fp32, bf16 or int8)
+    calibration: str | None = None  # int8: the sample from `imgenc calibrate`
+    model_cache: str | None = None  # where OpenVINO keeps converted models [~/.cache/imgenc]
     # --- the pipeline ---
     batch: int = 32
     decode_threads: int = 2
@@ -60,6 +64,12 @@ class Settings:
             raise ValueError(f"layout must be one of {LAYOUTS}, not {self.layout!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, not {self.runtime!r}")
+        if self.precision == "int8" and self.runtime != "openvino":
+            raise ValueError(
+                "precision int8 runs on the openvino runtime only (--runtime openvino)"
+            )
         for name in ("bits", "batch", "decode_threads", "chunk", "max_strikes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")

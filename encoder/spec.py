@@ -36,7 +36,12 @@ COMPAT_FIELDS = (
     "resize",
     "precision",
     "center_sha256",
+    "runtime",
+    "calibration_sha256",
 )
+# Fields added after specs were first written: left out of the fingerprint while they hold
+# their default, so that codes written before them keep their fingerprint.
+LATER_FIELDS = {"runtime": "tensorflow", "calibration_sha256": None}
 
 
 class SpecMismatch(Exception):
@@ -57,12 +62,17 @@ class CodeSpec:
     code_shape: tuple[int, ...]  # unpacked bits per image: (positions, n_bits) or (n_bits,)
     bytes_per_code: int  # packed bytes per image (np.packbits of the flattened bits)
     center_sha256: str | None = None
+    runtime: str = "tensorflow"
+    calibration_sha256: str | None = None  # int8: the SHA-256 of the calibration sample
     spec_version: int = SPEC_VERSION
     libraries: dict[str, str] = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
         compat = {name: getattr(self, name) for name in COMPAT_FIELDS}
+        for name, default in LATER_FIELDS.items():
+            if compat[name] == default:
+                del compat[name]
         return hashlib.sha256(json.dumps(compat, sort_keys=True).encode()).hexdigest()[:16]
 
     def differences(self, other: CodeSpec) -> dict[str, tuple[Any, Any]]:
@@ -100,7 +110,7 @@ class CodeSpec:
 
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for dist in ("tensorflow", "keras", "numpy", "pillow"):
+    for dist in ("tensorflow", "keras", "numpy", "pillow", "openvino", "nncf"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -155,12 +165,22 @@ def spec_for(settings: Settings) -> CodeSpec:
         code_shape=code_shape,
         bytes_per_code=(n_bits_total + 7) // 8,
         center_sha256=file_sha256(settings.center) if settings.center else None,
+        runtime=settings.runtime,
+        calibration_sha256=(
+            file_sha256(settings.calibration)
+            if settings.calibration and settings.precision == "int8"
+            else None
+        ),
         libraries=library_versions(),
     )
 
 
 def settings_for_spec(
-    spec: CodeSpec, base: Settings, weights: str | None = None, center: str | None = None
+    spec: CodeSpec,
+    base: Settings,
+    weights: str | None = None,
+    center: str | None = None,
+    calibration: str | None = None,
 ) -> Settings:
     """``base`` with the model settings that reproduce ``spec`` (to encode queries that
     meet stored codes).  ``weights`` names the weights file when the codes were made with
@@ -178,6 +198,8 @@ def settings_for_spec(
             )
     if spec.center_sha256 and not center:
         raise SpecMismatch("the codes are centred; the destination's center.npy is needed")
+    if spec.calibration_sha256 and not calibration:
+        raise SpecMismatch("the codes are int8; the destination's calibration.npz is needed")
     settings = base.replace(
         backbone=spec.backbone,
         layout=spec.layout,
@@ -186,6 +208,8 @@ def settings_for_spec(
         weights=weights,
         precision=spec.precision,
         center=center,
+        runtime=spec.runtime,
+        calibration=calibration,
     )
     spec.check_compatible(spec_for(settings), what="the stored codes and this query encoder")
     return settings

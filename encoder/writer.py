@@ -19,6 +19,7 @@ import numpy as np
 
 from encoder.images import LoadResult
 from encoder.manifest import (
+    CALIBRATION_KEY,
     CENTER_KEY,
     CODES_PREFIX,
     PARTS_PREFIX,
@@ -27,19 +28,23 @@ from encoder.manifest import (
     done_keys,
     rows_to_csv,
 )
+from encoder.settings import Settings
 from encoder.spec import CodeSpec, SpecMismatch
 from encoder.storage import Storage, open_storage
 
 
-def ensure_spec(storage: Storage, spec: CodeSpec, center: str | None = None) -> None:
-    """Write ``spec.json`` (and the centre file beside it, when codes are centred), or check
-    that the spec already there matches."""
+def ensure_spec(
+    storage: Storage, spec: CodeSpec, center: str | None = None, calibration: str | None = None
+) -> None:
+    """Write ``spec.json`` (and beside it the files the spec hashes: the centre, the int8
+    calibration sample), or check that the spec already there matches."""
     try:
         existing = CodeSpec.from_json(storage.get(SPEC_KEY))
     except KeyError:
-        if center:
-            with open(center, "rb") as f:
-                storage.put(CENTER_KEY, f.read())
+        for key, path in ((CENTER_KEY, center), (CALIBRATION_KEY, calibration)):
+            if path:
+                with open(path, "rb") as f:
+                    storage.put(key, f.read())
         storage.put(SPEC_KEY, spec.to_json().encode())
         return
     try:
@@ -49,13 +54,14 @@ def ensure_spec(storage: Storage, spec: CodeSpec, center: str | None = None) -> 
 
 
 def open_destination(
-    dest: str, spec: CodeSpec, center: str | None, resume: bool
+    dest: str, spec: CodeSpec, settings: Settings, resume: bool
 ) -> tuple[Storage, set[tuple[str, int | None, int | None]]]:
     """Open ``dest`` for writing codes of ``spec`` (refusing another spec), and return the
     storage with the resume keys of the images it already holds as ok (empty unless
     ``resume``).  Used by ``imgenc encode`` and by the producer alike."""
     storage = open_storage(dest)
-    ensure_spec(storage, spec, center)
+    calibration = settings.calibration if spec.calibration_sha256 else None
+    ensure_spec(storage, spec, settings.center, calibration)
     return storage, done_keys(storage) if resume else set()
 
 

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from encoder.backbones import BACKBONES
-from encoder.settings import LAYOUTS, PRECISIONS, Settings, process_settings
+from encoder.settings import LAYOUTS, PRECISIONS, RUNTIMES, Settings, process_settings
 from imgenc import local_commands, queue_commands, search_commands
 
 
@@ -37,8 +37,17 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "random (tests; codes carry no visual meaning) or a weights file [imagenet]",
     )
     group.add_argument(
-        "--precision", choices=PRECISIONS, help="fp32, or bf16 mixed precision [fp32]"
+        "--runtime",
+        choices=RUNTIMES,
+        help="tensorflow, or openvino for CPU workers (pip install 'imgenc[openvino]') "
+        "[tensorflow]",
     )
+    group.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="fp32, bf16, or int8 (openvino, with --calibration) [fp32]",
+    )
+    group.add_argument("--calibration", help="int8: the calibration sample from `imgenc calibrate`")
     group.add_argument(
         "--center",
         help="centre file from `imgenc fit-center` (subtracted from the features before hashing)",

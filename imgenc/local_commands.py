@@ -13,6 +13,7 @@ AddModelArgs = Callable[[argparse.ArgumentParser], None]
 def cmd_encode(args: argparse.Namespace) -> int:
     from encoder.folder_run import encode_folder
     from encoder.model import WeightsUnavailable
+    from encoder.openvino_runtime import RuntimeUnavailable
     from encoder.spec import SpecMismatch
     from encoder.storage import StorageError
 
@@ -24,7 +25,14 @@ def cmd_encode(args: argparse.Namespace) -> int:
             resume=args.resume,
             progress=not args.no_progress,
         )
-    except (WeightsUnavailable, SpecMismatch, NotADirectoryError, FileNotFoundError) as exc:
+    except (
+        WeightsUnavailable,
+        RuntimeUnavailable,
+        SpecMismatch,
+        NotADirectoryError,
+        FileNotFoundError,
+        ValueError,
+    ) as exc:
         print(f"imgenc: error: {exc}", file=sys.stderr)
         return 2
     except StorageError as exc:
@@ -53,6 +61,26 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"imgenc: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
     print(path)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from encoder.calibrate import calibration_sample
+    from encoder.openvino_runtime import save_calibration
+
+    try:
+        pixels, ids = calibration_sample(
+            args.image_dir, args.settings, args.sample, not args.no_progress
+        )
+    except ValueError as exc:
+        print(f"imgenc: error: {exc}", file=sys.stderr)
+        return 2
+    save_calibration(args.out, pixels, ids)
+    size = pixels.shape[1]
+    print(
+        f"{args.out}: {len(ids)} images at {size}x{size} for {args.settings.backbone}; use it "
+        f"with --runtime openvino --precision int8 --calibration {args.out}"
+    )
     return 0
 
 
@@ -98,6 +126,16 @@ def add_commands(sub: argparse._SubParsersAction, add_model_args: AddModelArgs) 
     show.add_argument("--png", required=True, help="output PNG file")
     show.add_argument("--image-root", help="where the images are now, if they moved")
     show.set_defaults(func=cmd_show)
+
+    calibrate = sub.add_parser(
+        "calibrate", help="keep a calibration sample for --precision int8 (OpenVINO)"
+    )
+    calibrate.add_argument("image_dir")
+    calibrate.add_argument("--out", required=True, help="where to save the sample (.npz)")
+    calibrate.add_argument("--sample", type=int, default=64, help="images in the sample [64]")
+    calibrate.add_argument("--no-progress", action="store_true")
+    add_model_args(calibrate)
+    calibrate.set_defaults(func=cmd_calibrate)
 
     fit = sub.add_parser("fit-center", help="compute the mean feature for --center")
     fit.add_argument("image_dir")

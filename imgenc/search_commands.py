@@ -172,7 +172,8 @@ def add_commands(sub: argparse._SubParsersAction, add_model_args: AddModelArgs) 
     dedup.add_argument(
         "--max-distance",
         type=int,
-        help="most bits two copies may differ by [5%% of the bits pooled, 12%% spatial]",
+        help="most bits two copies may differ by [1.4%% of the bits pooled (7 of 500), "
+        "4%% spatial (980 of 24,500)]",
     )
     dedup.add_argument("--out", help="CSV of the groups: group, id, distance to the kept image")
     dedup.set_defaults(func=_guarded(cmd_dedup))

@@ -148,7 +148,7 @@ def enqueue(
     spec = spec_for(settings)
     registry = JobRegistry.from_url(settings.broker_url)
     registry.r.ping()  # an unreachable broker fails here, before anything is written
-    _, skip = open_destination(out, spec, settings.center, resume)
+    _, skip = open_destination(out, spec, settings, resume)
 
     job_id = uuid.uuid4().hex[:12]
     registry.create(

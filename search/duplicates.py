@@ -27,9 +27,13 @@ import numpy as np
 from encoder.storage import Storage
 from search.index import Index
 
-# Default thresholds, as a share of the code's bits, measured with `python -m bench`
-# (group "dedup"): see docs/performance.md.
-DEFAULT_MAX_DISTANCE_SHARE = {"pooled": 0.05, "spatial": 0.12}
+# Default thresholds, as a share of the code's bits: the 95th percentile of the distance
+# between a photo and its processed copies (recompressed, resized, cropped, rotated,
+# brightened), measured with `python -m bench --only dedup` on 300 photos with random
+# weights (docs/performance.md).  Spatial: 0.042 (distinct photos start at 0.040).
+# Pooled: 0.014; with random weights distinct photos are as close, so remeasure with the
+# weights you encode with (`python -m bench --weights PATH --only dedup`).
+DEFAULT_MAX_DISTANCE_SHARE = {"pooled": 0.014, "spatial": 0.04}
 NEIGHBOURS = 32  # k of the first search per image
 BATCH = 2048  # images searched per faiss call
 
@@ -127,15 +131,8 @@ def _add_pairs(
 
 def _keep_rank(index: Index, image_id: str) -> tuple[int, int, str]:
     """Sort key of the image to keep: most pixels, then largest file, then smallest id."""
-    row = index.row(image_id)
-
-    def number(name: str) -> int:
-        try:
-            return int(row.get(name) or 0)
-        except ValueError:
-            return 0
-
-    return (-number("width") * number("height"), -number("size"), image_id)
+    pixels, file_bytes, _ = index.image(image_id)
+    return (-pixels, -file_bytes, image_id)
 
 
 def find_duplicates(index: Index, max_distance: int | None = None) -> DuplicateGroups:

@@ -23,6 +23,7 @@ Hamming ranking whatever the order codes were added in.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import secrets
@@ -31,14 +32,14 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from encoder.codes import codes_for_rows, read_spec
-from encoder.manifest import PARTS_PREFIX, Row, csv_to_rows, deduplicate
+from encoder.codes import codes_at, read_spec
+from encoder.manifest import PARTS_PREFIX, Row, csv_to_rows, row_rank
 from encoder.spec import CodeSpec
-from encoder.storage import Storage, open_storage
+from encoder.storage import Storage, StorageError, open_storage
 
 log = logging.getLogger("imgenc.search")
 logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader reports every import
@@ -68,6 +69,43 @@ class Neighbours:
         return [{"id": i, "distance": d} for i, d in zip(self.ids, self.distances, strict=True)]
 
 
+class StoredImage(NamedTuple):
+    """What the index keeps of an ok manifest row: where its code is, and what the
+    near-duplicate keep rule and the thumbnails need."""
+
+    id: str
+    shard: str
+    row: int
+    pixels: int  # width x height as stored (0 when unknown)
+    file_bytes: int
+    root: str  # the image root it was encoded under (its path without its id)
+
+
+@dataclass
+class _Facts:
+    """Per-position arrays of what ``StoredImage`` holds beyond the code: a few bytes per
+    image instead of a manifest row's dict."""
+
+    pixels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    file_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    root_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    roots: list[str] = field(default_factory=list)
+
+    def extended(self, images: list[StoredImage]) -> _Facts:
+        roots = list(self.roots)
+        known = {r: i for i, r in enumerate(roots)}
+        for image in images:
+            if image.root not in known:
+                known[image.root] = len(roots)
+                roots.append(image.root)
+        return _Facts(
+            np.concatenate([self.pixels, np.array([i.pixels for i in images], np.int64)]),
+            np.concatenate([self.file_bytes, np.array([i.file_bytes for i in images], np.int64)]),
+            np.concatenate([self.root_index, np.array([known[i.root] for i in images], np.int32)]),
+            roots,
+        )
+
+
 @dataclass
 class _State:
     """What a search reads, swapped as a whole when the index changes."""
@@ -76,7 +114,7 @@ class _State:
     ids: list[str]
     positions: dict[str, int]
     parts: dict[str, str]  # manifest part key -> version covered
-    rows: dict[str, Row]  # id -> its manifest row
+    facts: _Facts
 
 
 class Index:
@@ -96,7 +134,7 @@ class Index:
         self.ef_search = DEFAULT_HNSW_EF_SEARCH
         self.code_bytes = spec.bytes_per_code
         self.stored_bytes = stored_bytes(self.code_bytes)
-        self._state = _State(self._new_faiss(), [], {}, {}, {})
+        self._state = _State(self._new_faiss(), [], {}, {}, _Facts())
         self._lock = threading.Lock()  # one refresh at a time
         self.generation = ""
         self.updated_at = 0.0
@@ -127,7 +165,10 @@ class Index:
         changed = index.refresh(save=False)
         index.origin = "built" if not loaded else ("updated" if changed else "loaded")
         if save and index.origin != "loaded":
-            index.save()
+            try:
+                index.save()
+            except StorageError as exc:  # a read-only destination: search it all the same
+                log.warning("index not saved under %s/%s: %s", storage.url, INDEX_PREFIX, exc)
         return index
 
     @property
@@ -144,11 +185,11 @@ class Index:
                 return False
             rewritten = [k for k, v in state.parts.items() if current.get(k) != v]
             new_keys = [k for k in current if k not in state.parts]
-            new_rows = _ok_rows(self.storage, new_keys)
-            if rewritten or any(r["id"] in state.positions for r in new_rows):
+            new_images = _ok_images(self.storage, new_keys)
+            if rewritten or any(i.id in state.positions for i in new_images):
                 self._state = self._build(current)
             else:
-                self._state = self._extend(state, new_rows, current)
+                self._state = self._extend(state, new_images, current)
             self.generation = secrets.token_hex(6)
             self.updated_at = time.time()
             if save:
@@ -156,28 +197,27 @@ class Index:
             return True
 
     def _build(self, parts: dict[str, str]) -> _State:
-        rows = _ok_rows(self.storage, list(parts))
-        state = _State(self._new_faiss(), [], {}, {}, {})
-        return self._extend(state, rows, parts)
+        images = _ok_images(self.storage, list(parts))
+        state = _State(self._new_faiss(), [], {}, {}, _Facts())
+        return self._extend(state, images, parts)
 
-    def _extend(self, state: _State, rows: list[Row], parts: dict[str, str]) -> _State:
-        """A new state: ``state`` plus the codes of ``rows`` (none of them indexed yet)."""
+    def _extend(self, state: _State, images: list[StoredImage], parts: dict[str, str]) -> _State:
+        """A new state: ``state`` plus the codes of ``images`` (none of them indexed yet)."""
         import faiss
 
-        ids = state.ids + [r["id"] for r in rows]
+        ids = state.ids + [i.id for i in images]
         positions = dict(state.positions)
-        positions.update((r["id"], len(state.ids) + i) for i, r in enumerate(rows))
-        by_id = dict(state.rows)
-        by_id.update((r["id"], r) for r in rows)
+        positions.update((image.id, len(state.ids) + n) for n, image in enumerate(images))
         faiss_index = state.faiss_index
-        if rows:
-            codes = self._pad(codes_for_rows(self.storage, self.spec, rows))
+        if images:
+            locations = [(i.shard, i.row) for i in images]
+            codes = self._pad(codes_at(self.storage, self.spec, locations))
             # Add to a copy: searches running on the current state never see a half-added index.
             faiss_index = (
                 faiss.clone_binary_index(faiss_index) if faiss_index.ntotal else self._new_faiss()
             )
             faiss_index.add(codes)
-        return _State(faiss_index, ids, positions, parts, by_id)
+        return _State(faiss_index, ids, positions, parts, state.facts.extended(images))
 
     def _new_faiss(self) -> Any:
         import faiss
@@ -207,6 +247,15 @@ class Index:
         data = faiss.serialize_index_binary(state.faiss_index)
         self.storage.put(f"{INDEX_PREFIX}/{generation}.faiss", np.asarray(data).tobytes())
         self.storage.put(f"{INDEX_PREFIX}/{generation}.ids.json", json.dumps(state.ids).encode())
+        facts = io.BytesIO()
+        np.savez(
+            facts,
+            pixels=state.facts.pixels,
+            file_bytes=state.facts.file_bytes,
+            root_index=state.facts.root_index,
+            roots=np.array(state.facts.roots, dtype=str),
+        )
+        self.storage.put(f"{INDEX_PREFIX}/{generation}.facts.npz", facts.getvalue())
         previous = _read_meta(self.storage)
         meta = {
             "format": 1,
@@ -223,7 +272,7 @@ class Index:
         }
         self.storage.put(META_KEY, json.dumps(meta, indent=1).encode())
         if previous and previous.get("generation") not in (None, generation):
-            for suffix in (".faiss", ".ids.json"):
+            for suffix in (".faiss", ".ids.json", ".facts.npz"):
                 self.storage.delete(f"{INDEX_PREFIX}/{previous['generation']}{suffix}")
 
     def _load(self, meta: dict[str, Any]) -> bool:
@@ -242,19 +291,22 @@ class Index:
         try:
             data = self.storage.get(f"{INDEX_PREFIX}/{generation}.faiss")
             ids = json.loads(self.storage.get(f"{INDEX_PREFIX}/{generation}.ids.json"))
-        except KeyError:
+            with np.load(
+                io.BytesIO(self.storage.get(f"{INDEX_PREFIX}/{generation}.facts.npz"))
+            ) as f:
+                facts = _Facts(
+                    f["pixels"], f["file_bytes"], f["root_index"], [str(r) for r in f["roots"]]
+                )
+        except (KeyError, ValueError, OSError):
             return False
         faiss_index = faiss.deserialize_index_binary(np.frombuffer(data, np.uint8))
-        if faiss_index.ntotal != len(ids) or len(ids) != meta.get("count"):
+        if not faiss_index.ntotal == len(ids) == meta.get("count") == len(facts.pixels):
             return False
         if self.kind == "hnsw":
             faiss_index.hnsw.efSearch = self.ef_search
         parts = dict(meta.get("parts", {}))
-        rows = {r["id"]: r for r in _ok_rows(self.storage, list(parts))}
-        if set(rows) != set(ids):
-            return False
         positions = {image_id: i for i, image_id in enumerate(ids)}
-        self._state = _State(faiss_index, ids, positions, parts, rows)
+        self._state = _State(faiss_index, ids, positions, parts, facts)
         self.generation = generation
         self.updated_at = float(meta.get("saved_at", 0.0))
         return True
@@ -270,9 +322,13 @@ class Index:
     def ids(self) -> list[str]:
         return list(self._state.ids)
 
-    def row(self, image_id: str) -> Row:
-        """The manifest row of an indexed image (``KeyError`` if there is none)."""
-        return self._state.rows[image_id]
+    def image(self, image_id: str) -> tuple[int, int, str]:
+        """``(pixels, file bytes, image root)`` of an indexed image (``KeyError`` if none)."""
+        state = self._state
+        position = state.positions[image_id]
+        facts = state.facts
+        root = facts.roots[facts.root_index[position]]
+        return int(facts.pixels[position]), int(facts.file_bytes[position]), root
 
     def code(self, image_id: str) -> np.ndarray:
         """The stored (unpadded) code of ``image_id``; ``KeyError`` if it is not indexed."""
@@ -358,7 +414,7 @@ class Index:
         codes = state.faiss_index.reconstruct_n(0, state.faiss_index.ntotal)
         faiss_index = flat._new_faiss()
         faiss_index.add(codes)
-        flat._state = _State(faiss_index, state.ids, state.positions, state.parts, state.rows)
+        flat._state = _State(faiss_index, state.ids, state.positions, state.parts, state.facts)
         flat.generation = self.generation
         return flat
 
@@ -394,10 +450,43 @@ def _read_meta(storage: Storage) -> dict[str, Any] | None:
         return None
 
 
-def _ok_rows(storage: Storage, part_keys: Sequence[str]) -> list[Row]:
-    """The ok rows of these manifest parts, one per image as the manifest merge keeps them
-    (ok beats failure, then the latest), sorted by id.  Parts are read 16 at a time."""
+def _ok_images(storage: Storage, part_keys: Sequence[str]) -> list[StoredImage]:
+    """The images of these manifest parts whose row, one per image as the manifest merge
+    keeps them (ok beats failure, then the latest), is ok; sorted by id.  Parts are read
+    16 at a time and reduced to what the index keeps as they are parsed, so memory holds
+    a few parts' rows at most, never the whole manifest as dicts."""
+    best: dict[str, tuple[tuple[int, str], StoredImage | None]] = {}
+
+    def parse(key: str) -> list[tuple[tuple[int, str], StoredImage | None, str]]:
+        return [
+            (row_rank(row), _stored_image(row) if row["status"] == "ok" else None, row["id"])
+            for row in csv_to_rows(storage.get(key))
+        ]
+
     with ThreadPoolExecutor(max_workers=16) as pool:
-        parts = pool.map(lambda key: csv_to_rows(storage.get(key)), part_keys)
-        rows = [row for part in parts for row in part]
-    return [r for r in deduplicate(rows) if r["status"] == "ok"]
+        for start in range(0, len(part_keys), 16):
+            for part in pool.map(parse, part_keys[start : start + 16]):
+                for rank, image, image_id in part:
+                    current = best.get(image_id)
+                    if current is None or rank >= current[0]:
+                        best[image_id] = (rank, image)
+    return [image for _, (_, image) in sorted(best.items()) if image is not None]
+
+
+def _stored_image(row: Row) -> StoredImage:
+    def number(name: str) -> int:
+        try:
+            return int(row.get(name) or 0)
+        except ValueError:
+            return 0
+
+    image_id, path = row["id"], row.get("path", "")
+    root = path[: -len(image_id) - 1] if path.endswith("/" + image_id) else ""
+    return StoredImage(
+        image_id,
+        row["shard"],
+        int(row["row"]),
+        number("width") * number("height"),
+        number("size"),
+        root or ("/" if path == "/" + image_id else ""),
+    )

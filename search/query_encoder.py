@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from encoder.images import DEFAULT_MAX_FILE_BYTES, ImageLoader, LoadResult
-from encoder.manifest import CENTER_KEY
+from encoder.manifest import CALIBRATION_KEY, CENTER_KEY
 from encoder.settings import Settings
 from encoder.spec import CodeSpec, SpecMismatch, settings_for_spec
 from encoder.storage import Storage
@@ -48,14 +48,15 @@ def read_query_images(paths: list[str]) -> list[QueryImage]:
     return images
 
 
-def center_file(storage: Storage, spec: CodeSpec, folder: Path) -> str | None:
-    """The destination's centre, copied to ``folder`` and checked against the spec."""
-    if not spec.center_sha256:
+def destination_file(storage: Storage, key: str, sha256: str | None, folder: Path) -> str | None:
+    """A file the spec hashes (the centre, the calibration sample), copied from the
+    destination to ``folder`` and checked against the spec; None when the spec has none."""
+    if not sha256:
         return None
-    data = storage.get(CENTER_KEY)
-    if hashlib.sha256(data).hexdigest() != spec.center_sha256:
-        raise SpecMismatch(f"{CENTER_KEY} in {storage.url} does not match the spec's centre")
-    path = folder / "center.npy"
+    data = storage.get(key)
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise SpecMismatch(f"{key} in {storage.url} does not match the spec's SHA-256")
+    path = folder / key
     path.write_bytes(data)
     return str(path)
 
@@ -71,13 +72,15 @@ class EmbeddedQueryEncoder:
         weights: str | None = None,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     ) -> None:
-        from encoder.model import Encoder
+        from encoder.model import load_encoder
 
         self._tmp = tempfile.TemporaryDirectory(prefix="imgenc-query-")
-        center = center_file(storage, spec, Path(self._tmp.name))
-        self.settings = settings_for_spec(spec, base, weights, center)
+        folder = Path(self._tmp.name)
+        center = destination_file(storage, CENTER_KEY, spec.center_sha256, folder)
+        calibration = destination_file(storage, CALIBRATION_KEY, spec.calibration_sha256, folder)
+        self.settings = settings_for_spec(spec, base, weights, center, calibration)
         self.spec = spec
-        self.encoder = Encoder(self.settings)
+        self.encoder = load_encoder(self.settings)
         self.loader = ImageLoader(self._tmp.name, self.encoder.input_size, max_file_bytes)
 
     def encode(self, images: list[QueryImage]) -> tuple[list[LoadResult], np.ndarray]:

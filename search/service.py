@@ -123,8 +123,8 @@ class SearchService:
                 return self._thumbs[image_id]
         if image_id not in self.index:
             return None
-        root = self.image_root or _root_of(self.index.row(image_id))
-        if root is None:
+        root = self.image_root or self.index.image(image_id)[2]
+        if not root:
             return None
         result, picture = ImageLoader(root, THUMB_SIDE).load_picture(image_id, THUMB_SIDE)
         if picture is None:
@@ -146,14 +146,6 @@ class SearchService:
             "batches": self.batcher.batches,
             "queries": self.batcher.items,
         }
-
-
-def _root_of(row: dict[str, str]) -> str | None:
-    """The image root a manifest row was encoded under: its path without its id."""
-    path, image_id = row.get("path", ""), row.get("id", "")
-    if path.endswith("/" + image_id):
-        return path[: -len(image_id) - 1] or "/"
-    return None
 
 
 def create_app(

@@ -32,6 +32,9 @@ def test_bench_quick_runs_every_measurement_and_writes_the_table(tmp_path):
         "bf16",
         "lsh",
         "cost",
+        "search",
+        "serve",
+        "dedup",
     }
     for row in table["rows"]:
         assert row["value"] is not None and math.isfinite(row["value"]) and row["value"] >= 0, row

@@ -22,7 +22,9 @@ def _command(service: str) -> list[str]:
 
 
 def test_compose_has_the_services_users_need():
-    assert {"redis", "minio", "minio-init", "worker", "flower", "producer"} <= set(SERVICES)
+    assert {"redis", "minio", "minio-init", "worker", "flower", "producer", "search"} <= set(
+        SERVICES
+    )
 
 
 def test_redis_requires_a_password_and_keeps_the_queue_across_restarts():
@@ -76,7 +78,25 @@ def test_producer_is_a_one_off_whose_command_is_a_real_imgenc_subcommand():
     build_parser().parse_args(["enqueue", "/images", "--out", "s3://codes/x", "--wait"])
 
 
-@pytest.mark.parametrize("service", ["worker", "flower", "producer"])
+def test_search_serves_the_compose_destination_with_the_workers_behind_auth():
+    import re
+
+    from imgenc.cli import build_parser
+
+    # As compose does: interpolate ${VAR:-default} and ${VAR:?error} first, then split.
+    raw = SERVICES["search"]["command"]
+    interpolated = re.sub(r"\$\{(\w+):\?[^}]*\}", "secret", raw)
+    interpolated = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", interpolated)
+    command = shlex.split(interpolated)
+    assert command[:2] == ["imgenc", "serve"]
+    args = build_parser().parse_args(command[1:])
+    assert args.workers and args.auth == "search:secret" and args.host == "0.0.0.0"
+    assert args.dest == "s3://codes/catalogue"
+    assert SERVICES["search"]["ports"] == ["127.0.0.1:8000:8000"]
+    assert "deploy" not in SERVICES["search"]  # no GPU: the workers encode the queries
+
+
+@pytest.mark.parametrize("service", ["worker", "flower", "producer", "search"])
 def test_services_built_from_the_repo_use_its_dockerfile(service):
     assert SERVICES[service]["build"] == "."
 
@@ -104,3 +124,15 @@ def test_env_example_sets_every_required_variable():
     }
     assert required <= defined, required - defined
     assert Path(REPO / ".env.example").exists()
+
+
+def test_cpu_workers_build_the_openvino_variant_and_run_int8_with_a_mounted_calibration():
+    service = SERVICES["worker-cpu"]
+    assert service["build"]["args"] == {"VARIANT": "cpu"} and service["profiles"] == ["cpu"]
+    env = service["environment"]
+    assert env["IMGENC_RUNTIME"] == "openvino" and env["IMGENC_CALIBRATION"].startswith("/calib/")
+    fields = {f"IMGENC_{name.upper()}" for name in Settings.__dataclass_fields__}
+    assert {k for k in env if k.startswith("IMGENC_")} <= fields
+    assert any(v.endswith(":/calib:ro") for v in service["volumes"])
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert 'if [ "$VARIANT" = "cpu" ]' in dockerfile and ".[flower,openvino]" in dockerfile

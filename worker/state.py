@@ -52,20 +52,21 @@ def get_state() -> WorkerState:
     global _state
     with _lock:
         if _state is None:
-            from encoder.model import Encoder
+            from encoder.model import load_encoder
 
             settings = process_settings()
             start = time.monotonic()
-            encoder = Encoder(settings)
+            encoder = load_encoder(settings)
             size = encoder.input_size
             encoder.encode(np.zeros((1, size, size, 3), np.uint8))  # trace the function now
             log.info(
-                "model ready in %.1f s: %s %s, %d bits, weights %s, precision %s, spec %s (pid %d)",
+                "model ready in %.1f s: %s %s, %d bits, weights %s, %s %s, spec %s (pid %d)",
                 time.monotonic() - start,
                 settings.backbone,
                 settings.layout,
                 settings.bits,
                 encoder.spec.weights,
+                settings.runtime,
                 settings.precision,
                 encoder.spec.fingerprint,
                 os.getpid(),
