@@ -11,8 +11,9 @@ All on the bench's photos, VGG16, batch 32, side by side in one run:
    ``encoder.encode`` on a decoded batch of 32 (no file I/O) with
    ``PERFORMANCE_HINT=LATENCY`` and ``THROUGHPUT`` (one synchronous request per batch),
    and ``THROUGHPUT`` with an ``AsyncInferQueue`` of its optimal number of requests over
-   slices of the batch.  In a fresh interpreter that loads the models converted in
-   part 1 from the model cache, as a worker with a warm cache does.
+   slices of the batch (``AsyncQueueEncoder``, a candidate); then files -> codes for OV
+   int8 with LATENCY and with the candidate.  In a fresh interpreter that loads the
+   models converted in part 1 from the model cache, as a worker with a warm cache does.
 3. ``runtime-fidelity``: each precision's codes against TF fp32 (pooled and spatial, up
    to 300 photos): the share of equal bits, the top-10 Hamming neighbours shared
    (tie-aware), and near-duplicate recall@1 through ``Index.query`` on the variants of
@@ -184,82 +185,121 @@ def calibration_count(path: Path) -> int:
 
 
 # --- 2. compile settings ----------------------------------------------------------------------
-def async_features(ov: Any, compiled: Any, requests: int) -> Callable[[np.ndarray], np.ndarray]:
-    """``features(pixels)`` through an ``AsyncInferQueue`` of ``requests`` requests, one
-    slice of the batch each."""
-    queue = ov.AsyncInferQueue(compiled, requests)
-    results: dict[int, np.ndarray] = {}
+class AsyncQueueEncoder:
+    """A candidate, not the project's encoder: ``OpenVinoEncoder`` compiled with
+    ``THROUGHPUT``, whose ``encode`` runs slices of the batch on an ``AsyncInferQueue`` of
+    the compiled model's optimal number of requests (one per stream).  Its compiled model
+    is never called synchronously: a synchronous call, then the queue, on one compiled
+    model, in a process that had converted the model, ended in a segfault (seen here)."""
 
-    def keep(request: Any, index: int) -> None:
-        results[index] = request.get_output_tensor(0).data.copy()
+    def __init__(self, chosen: Any) -> None:
+        from encoder.openvino_runtime import OpenVinoEncoder, import_openvino
 
-    queue.set_callback(keep)
+        ov = import_openvino()
+        self.inner = OpenVinoEncoder(chosen, performance_hint="THROUGHPUT")
+        self.compiled, self.cache_hit = self.inner.compiled, self.inner.cache_hit
+        self.spec, self.empty_codes = self.inner.spec, self.inner.empty_codes
+        self.input_size = self.inner.input_size
+        self.requests = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self.queue = ov.AsyncInferQueue(self.compiled, self.requests)
+        self.results: dict[int, np.ndarray] = {}
+        self.queue.set_callback(self._keep)
 
-    def features(pixels: np.ndarray) -> np.ndarray:
-        results.clear()
-        parts = np.array_split(pixels.astype(np.float32), requests)
+    def _keep(self, request: Any, index: int) -> None:
+        self.results[index] = request.get_output_tensor(0).data.copy()
+
+    def features(self, pixels: np.ndarray) -> np.ndarray:
+        self.results.clear()
+        parts = np.array_split(pixels.astype(np.float32), min(self.requests, len(pixels)))
         for index, part in enumerate(parts):
-            queue.start_async({0: part}, index)
-        queue.wait_all()
-        out = np.concatenate([results[i] for i in range(len(parts))])
+            self.queue.start_async({0: part}, index)
+        self.queue.wait_all()
+        out = np.concatenate([self.results[i] for i in range(len(parts))])
         return out.reshape(out.shape[0], -1, out.shape[-1]) if out.ndim == 4 else out
 
-    return features
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        from encoder.codes import pack_bits
+
+        if pixels.shape[0] == 0:
+            return self.empty_codes
+        features = self.features(pixels)
+        if self.inner.center is not None:
+            features = features - self.inner.center
+        return pack_bits(features @ self.inner.planes > 0)
+
+
+def _compiled_figure(encoder: Any, what: str, precision: str, setting: str) -> dict[str, Any]:
+    return {
+        "what": what,
+        "precision": precision,
+        "setting": setting,
+        "streams": encoder.compiled.get_property("NUM_STREAMS"),
+        "threads": encoder.compiled.get_property("INFERENCE_NUM_THREADS"),
+        "cache_hit": encoder.cache_hit,
+    }
 
 
 def compile_settings_figures(
-    pixels: np.ndarray, calibration: str, cache: str, calls: int
+    pixels: np.ndarray, calibration: str, cache: str, calls: int, photos: str, work: str
 ) -> list[dict[str, Any]]:
-    """Bare ``encode`` rates per compile setting (run in a fresh interpreter)."""
-    from encoder.codes import pack_bits
-    from encoder.openvino_runtime import OpenVinoEncoder, import_openvino
+    """Run in a fresh interpreter: the bare ``encode`` rate per compile setting (OV int8
+    and fp32), then files -> codes for OV int8 with LATENCY and with the async queue."""
+    from encoder.folder_run import encode_folder
+    from encoder.openvino_runtime import OpenVinoEncoder
 
-    ov = import_openvino()
     figures = []
-    for precision in ("int8", "fp32"):
-        chosen = encoder_settings(
+    settings_of = {
+        precision: encoder_settings(
             ("openvino", precision), "spatial", Path(calibration), Path(cache)
         )
+        for precision in ("int8", "fp32")
+    }
+    latency_setting = "LATENCY, 1 sync request per batch"
+    for precision, chosen in settings_of.items():
         reference = None
-        for hint in ("LATENCY", "THROUGHPUT"):
-            encoder = OpenVinoEncoder(chosen, performance_hint=hint)
+        candidates: list[tuple[str, Callable[[], Any]]] = [
+            (latency_setting, lambda c=chosen: OpenVinoEncoder(c, performance_hint="LATENCY")),
+            (
+                "THROUGHPUT, 1 sync request per batch",
+                lambda c=chosen: OpenVinoEncoder(c, performance_hint="THROUGHPUT"),
+            ),
+            (
+                "THROUGHPUT, AsyncInferQueue over slices of the batch",
+                lambda c=chosen: AsyncQueueEncoder(c),
+            ),
+        ]
+        for setting, make in candidates:
+            encoder = make()
             seconds = seconds_per_call(lambda e=encoder: e.encode(pixels), calls)
             codes = encoder.encode(pixels)
             reference = codes if reference is None else reference
-            figures.append(
-                {
-                    "precision": precision,
-                    "setting": f"{hint}, 1 sync request per batch",
-                    "rate": len(pixels) / seconds,
-                    "streams": encoder.compiled.get_property("NUM_STREAMS"),
-                    "threads": encoder.compiled.get_property("INFERENCE_NUM_THREADS"),
-                    "cache_hit": encoder.cache_hit,
-                    "equal_bits": float(np.mean(np.unpackbits(codes) == np.unpackbits(reference))),
-                }
-            )
+            figure = _compiled_figure(encoder, "bare", precision, setting)
+            figure["rate"] = len(pixels) / seconds
+            figure["equal_bits"] = float(np.mean(np.unpackbits(codes) == np.unpackbits(reference)))
+            figure["requests"] = getattr(encoder, "requests", 1)
+            figures.append(figure)
             del encoder
-        # A compiled model of its own: never called synchronously (see the report).
-        encoder = OpenVinoEncoder(chosen, performance_hint="THROUGHPUT")
-        requests = int(encoder.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
-        features = async_features(ov, encoder.compiled, requests)
-
-        def encode(e: Any = encoder, f: Callable = features) -> np.ndarray:
-            return pack_bits(f(pixels) @ e.planes > 0)
-
-        seconds = seconds_per_call(encode, calls)
-        codes = encode()
-        figures.append(
-            {
-                "precision": precision,
-                "setting": f"THROUGHPUT, AsyncInferQueue of {requests} over slices of the batch",
-                "rate": len(pixels) / seconds,
-                "streams": encoder.compiled.get_property("NUM_STREAMS"),
-                "threads": encoder.compiled.get_property("INFERENCE_NUM_THREADS"),
-                "cache_hit": encoder.cache_hit,
-                "equal_bits": float(np.mean(np.unpackbits(codes) == np.unpackbits(reference))),
-            }
-        )
-        del features, encoder
+    chosen = settings_of["int8"]
+    for number, (setting, make) in enumerate(
+        [
+            (latency_setting, lambda: OpenVinoEncoder(chosen, performance_hint="LATENCY")),
+            (
+                "THROUGHPUT, AsyncInferQueue over slices of the batch",
+                lambda: AsyncQueueEncoder(chosen),
+            ),
+        ]
+    ):
+        encoder = make()
+        encoder.encode(pixels)  # warm-up
+        dest = Path(work) / f"runtime-compile-{number}"
+        summary = encode_folder(photos, str(dest), chosen, progress=False, encoder=encoder)
+        figure = _compiled_figure(encoder, "files", "int8", setting)
+        figure["rate"] = summary.processed / summary.seconds
+        figure["images"] = summary.processed
+        figure["requests"] = getattr(encoder, "requests", 1)
+        figures.append(figure)
+        shutil.rmtree(dest, ignore_errors=True)
+        del encoder
     return figures
 
 
@@ -269,14 +309,16 @@ import numpy as np
 from bench import measure
 from bench.runtime_measure import compile_settings_figures
 
-pixels_path, calibration, cache, weights, calls = sys.argv[1:6]
+pixels_path, calibration, cache, weights, calls, photos, work = sys.argv[1:8]
 measure.WEIGHTS["weights"] = weights
-figures = compile_settings_figures(np.load(pixels_path), calibration, cache, int(calls))
+figures = compile_settings_figures(
+    np.load(pixels_path), calibration, cache, int(calls), photos, work
+)
 print(json.dumps(figures))
 """
 
 
-def compile_settings(ctx: Context, calibration: Path, cache: Path) -> None:
+def compile_settings(ctx: Context, photos: Path, calibration: Path, cache: Path) -> None:
     batch = 8 if ctx.quick else BATCH
     pixels_path = ctx.work / "runtime-batch.npy"
     np.save(pixels_path, decoded_batch(ctx, batch))
@@ -285,6 +327,7 @@ def compile_settings(ctx: Context, calibration: Path, cache: Path) -> None:
         [
             *(sys.executable, "-c", _COMPILE_SETTINGS, str(pixels_path), str(calibration)),
             *(str(cache), measure.WEIGHTS["weights"], "1" if ctx.quick else "3"),
+            *(str(photos), str(ctx.work)),
         ],
         cwd=REPO,
         env=env,
@@ -297,31 +340,44 @@ def compile_settings(ctx: Context, calibration: Path, cache: Path) -> None:
             f"{finished.stderr[-3000:]}"
         )
     figures = json.loads(finished.stdout.strip().splitlines()[-1])
-    latency = {f["precision"]: f["rate"] for f in figures if f["setting"].startswith("LATENCY")}
+    latency = {
+        (f["what"], f["precision"]): f["rate"]
+        for f in figures
+        if f["setting"].startswith("LATENCY")
+    }
     for figure in figures:
         is_latency = figure["setting"].startswith("LATENCY")
+        setting = figure["setting"]
+        if figure["requests"] > 1:
+            setting = setting.replace("AsyncInferQueue", f"AsyncInferQueue of {figure['requests']}")
         note = (
-            f"{figure['streams']} stream(s), {figure['threads']} threads; "
+            f"{figure['streams']} stream(s), {figure['threads']} threads; fresh interpreter, "
             f"IR {'from the model cache' if figure['cache_hit'] else 'converted'}"
         )
-        if not is_latency:
-            note += f"; codes equal to LATENCY's: {figure['equal_bits']:.4f} of bits"
-        ctx.add(
-            Row(
-                "runtime",
-                f"OV {figure['precision']} bare encode, {figure['setting']} "
-                f"(decoded batch of {batch})",
-                figure["rate"],
-                "img/s",
-                figure["rate"] / ctx.figures["bare_fp32"]
-                if is_latency
-                else figure["rate"] / latency[figure["precision"]],
+        if figure["what"] == "bare":
+            name = f"OV {figure['precision']} bare encode, {setting} (decoded batch of {batch})"
+            if not is_latency:
+                note += f"; codes equal to LATENCY's: {figure['equal_bits']:.4f} of bits"
+            ratio = figure["rate"] / (
+                ctx.figures["bare_fp32"] if is_latency else latency[("bare", figure["precision"])]
+            )
+            reference = (
                 "bare TF fp32 forward, batch 32"
                 if is_latency
-                else f"LATENCY, 1 sync request, OV {figure['precision']}",
-                note,
+                else f"LATENCY, 1 sync request, OV {figure['precision']}"
             )
-        )
+        else:
+            name = f"OV int8 files -> codes, {setting} ({figure['images']} img)"
+            note += "; decode threads compete with inference, as in imgenc encode"
+            ratio = figure["rate"] / (
+                ctx.figures[key(("openvino", "int8"))] if is_latency else latency[("files", "int8")]
+            )
+            reference = (
+                "OV int8 files -> codes in the bench process (LATENCY)"
+                if is_latency
+                else "LATENCY files -> codes, same interpreter"
+            )
+        ctx.add(Row("runtime", name, figure["rate"], "img/s", ratio, reference, note))
 
 
 # --- 3. fidelity --------------------------------------------------------------------------
@@ -657,7 +713,7 @@ def runtime(ctx: Context) -> None:
     save_calibration(calibration, pixels, ids)
     cache = ctx.work / "runtime-model-cache"
     spatial = end_to_end(ctx, photos, len(files), calibration, cache)
-    compile_settings(ctx, calibration, cache)
+    compile_settings(ctx, photos, calibration, cache)
     fidelity(ctx, spatial, calibration, cache)
     model_sizes(ctx, cache)
     distributed_and_cost(ctx, photos, len(files), calibration)

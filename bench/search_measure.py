@@ -133,7 +133,8 @@ def pooled_search(ctx: Context) -> None:
             "MiB",
             _mib(grown) / code_mib,
             f"the padded codes ({code_mib:.0f} MiB)",
-            note="VmRSS after - before; the ids and manifest rows are held too",
+            note="VmRSS after - before: the ids, a few numbers per image, and the memory "
+            "the parsing of a million manifest rows left to the allocator",
         )
     )
     ctx.add(

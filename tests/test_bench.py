@@ -35,6 +35,9 @@ def test_bench_quick_runs_every_measurement_and_writes_the_table(tmp_path):
         "search",
         "serve",
         "dedup",
+        "runtime",
+        "runtime-fidelity",
+        "runtime-cost",
     }
     for row in table["rows"]:
         assert row["value"] is not None and math.isfinite(row["value"]) and row["value"] >= 0, row
