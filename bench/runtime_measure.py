@@ -270,6 +270,10 @@ def compile_settings_figures(
         ]
         for setting, make in candidates:
             encoder = make()
+            # Two more warm-up calls than seconds_per_call's one: an AsyncInferQueue's
+            # first calls ran at a third of its later speed (its requests' first use).
+            encoder.encode(pixels)
+            encoder.encode(pixels)
             seconds = seconds_per_call(lambda e=encoder: e.encode(pixels), calls)
             codes = encoder.encode(pixels)
             reference = codes if reference is None else reference
@@ -326,7 +330,7 @@ def compile_settings(ctx: Context, photos: Path, calibration: Path, cache: Path)
     finished = subprocess.run(
         [
             *(sys.executable, "-c", _COMPILE_SETTINGS, str(pixels_path), str(calibration)),
-            *(str(cache), measure.WEIGHTS["weights"], "1" if ctx.quick else "3"),
+            *(str(cache), measure.WEIGHTS["weights"], "1" if ctx.quick else "5"),
             *(str(photos), str(ctx.work)),
         ],
         cwd=REPO,
