@@ -702,8 +702,7 @@ def model_sizes(ctx: Context, cache: Path) -> None:
 def runtime(ctx: Context) -> None:
     """The groups ``runtime``, ``runtime-fidelity`` and ``runtime-cost`` (see the module
     docstring)."""
-    from encoder.calibrate import calibration_sample
-    from encoder.openvino_runtime import save_calibration
+    from encoder.calibrate import calibration_sample, save_calibration
 
     files = ctx.files[:SPEED_PHOTOS]
     photos = copy_photos(ctx, files, ctx.work / "runtime-photos")

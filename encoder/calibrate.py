@@ -11,6 +11,7 @@ quantizes from it builds the same int8 model.  It runs on the same ``Runner`` as
 from __future__ import annotations
 
 import itertools
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,32 @@ from encoder.progress import TqdmProgress
 from encoder.runner import Runner
 from encoder.scan import scan_images
 from encoder.settings import Settings
+
+
+def load_calibration(path: str | Path, input_size: int | None = None) -> np.ndarray:
+    """The calibration sample of ``imgenc calibrate``: ``(n, size, size, 3)`` uint8 pixels.
+    Raises ``ValueError`` naming the file when it is not one (or not of ``input_size``)."""
+    not_a_sample = f"{path} is not a calibration sample from `imgenc calibrate`"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            pixels = data["pixels"]
+    except FileNotFoundError:
+        raise ValueError(f"calibration file {path} does not exist") from None
+    except (ValueError, OSError, KeyError, TypeError, AttributeError, zipfile.BadZipFile):
+        raise ValueError(not_a_sample) from None
+    if pixels.ndim != 4 or pixels.dtype != np.uint8 or pixels.shape[-1] != 3 or not len(pixels):
+        raise ValueError(not_a_sample)
+    if input_size is not None and pixels.shape[1:3] != (input_size, input_size):
+        raise ValueError(
+            f"{path} holds {pixels.shape[1]}-pixel images; the backbone takes {input_size}: "
+            "calibrate again with the same --backbone"
+        )
+    return pixels
+
+
+def save_calibration(path: str | Path, pixels: np.ndarray, ids: list[str]) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, pixels=np.asarray(pixels, np.uint8), ids=np.array(ids, dtype=str))
 
 
 class PixelSample:

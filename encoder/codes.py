@@ -15,7 +15,7 @@ import numpy as np
 
 from encoder.manifest import SPEC_KEY, read_manifest
 from encoder.spec import CodeSpec
-from encoder.storage import LocalStorage, Storage, open_storage
+from encoder.storage import LocalStorage, Storage, StorageError, open_storage
 
 
 def pack_bits(bits: np.ndarray) -> np.ndarray:
@@ -43,9 +43,15 @@ def read_spec(dest: str | Path | Storage) -> CodeSpec:
 
 
 def _load_shard(storage: Storage, key: str) -> np.ndarray:
-    if isinstance(storage, LocalStorage):
-        return np.load(storage.local_path(key), mmap_mode="r", allow_pickle=False)
-    return np.load(io.BytesIO(storage.get(key)), allow_pickle=False)
+    try:
+        if isinstance(storage, LocalStorage):
+            return np.load(storage.local_path(key), mmap_mode="r", allow_pickle=False)
+        return np.load(io.BytesIO(storage.get(key)), allow_pickle=False)
+    except (FileNotFoundError, KeyError):
+        raise StorageError(
+            f"{storage.url}: the manifest names the code shard {key}, which is not there "
+            "(deleted or not copied?)"
+        ) from None
 
 
 def load_codes(dest: str | Path) -> tuple[np.ndarray, np.ndarray]:

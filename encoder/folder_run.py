@@ -22,8 +22,8 @@ from encoder.runner import Runner, RunStats
 from encoder.scan import scan_images
 from encoder.settings import Settings
 from encoder.spec import spec_for
-from encoder.storage import StorageError
-from encoder.writer import ShardWriter, open_destination
+from encoder.storage import StorageError, open_storage
+from encoder.writer import ShardWriter, check_spec, open_destination
 
 log = logging.getLogger("imgenc")
 
@@ -62,9 +62,12 @@ def encode_folder(
     if not image_dir.is_dir():
         raise NotADirectoryError(f"{image_dir} is not a directory")
     spec = spec_for(settings)
+    check_spec(open_storage(dest), spec)  # refuse another spec before building the model
+    # Built before anything is written: a model that cannot be built (no ImageNet
+    # download, a missing runtime) leaves the destination as it was.
+    enc = encoder if encoder is not None else load_encoder(settings)
     storage, skip = open_destination(dest, spec, settings, resume)
     todo = sum(1 for e in scan_images(image_dir) if e.resume_key not in skip)
-    enc = encoder if encoder is not None else load_encoder(settings)
     writer = ShardWriter(storage, spec, new_run_id(), settings.shard_size, settings.flush_seconds)
     bar = TqdmProgress(todo, progress)
     runner = Runner(

@@ -146,6 +146,15 @@ class ImageLoader:
             result.pixels = self._decode(data, result, self.size, self._to_pixels)
         return result
 
+    def read(self, rel: str) -> tuple[LoadResult, bytes | None]:
+        """The file's bytes under the same checks as ``load``, not decoded; None, with the
+        status, when it cannot be read (missing, not a file, unreadable, empty...)."""
+        result = LoadResult(id=rel, path=self._root_prefix + rel, status=ImageStatus.OK)
+        data = None
+        with _guard(result):
+            data = self._read(resolve_in_root(self._root_prefix, rel), result)
+        return result, data if result.ok else None
+
     def load_bytes(self, data: bytes, image_id: str = "upload") -> LoadResult:
         """The same rules for an image held in memory (an upload, a query): never raises."""
         result = LoadResult(id=image_id, path="", status=ImageStatus.OK, size=len(data))

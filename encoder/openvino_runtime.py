@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from encoder.backbones import get_backbone
+from encoder.calibrate import load_calibration
 from encoder.codes import pack_bits
 from encoder.planes import hyperplanes
 from encoder.settings import Settings
@@ -54,20 +55,6 @@ def import_openvino() -> Any:
             "--runtime openvino needs the openvino extra: pip install 'imgenc[openvino]'"
         ) from None
     return openvino
-
-
-def load_calibration(path: str | Path) -> np.ndarray:
-    """The calibration sample of ``imgenc calibrate``: ``(n, size, size, 3)`` uint8 pixels."""
-    with np.load(path, allow_pickle=False) as data:
-        pixels = data["pixels"]
-    if pixels.ndim != 4 or pixels.dtype != np.uint8 or pixels.shape[-1] != 3:
-        raise ValueError(f"{path}: not a calibration sample from `imgenc calibrate`")
-    return pixels
-
-
-def save_calibration(path: str | Path, pixels: np.ndarray, ids: list[str]) -> None:
-    with open(path, "wb") as f:
-        np.savez(f, pixels=np.asarray(pixels, np.uint8), ids=np.array(ids, dtype=str))
 
 
 class OpenVinoEncoder:
@@ -159,14 +146,7 @@ class OpenVinoEncoder:
             raise RuntimeUnavailable(
                 "--precision int8 needs NNCF, in the openvino extra: pip install 'imgenc[openvino]'"
             ) from None
-        if not self.settings.calibration:
-            raise ValueError("--precision int8 needs --calibration FILE (from `imgenc calibrate`)")
-        pixels = load_calibration(self.settings.calibration)
-        if pixels.shape[1] != self.input_size:
-            raise ValueError(
-                f"{self.settings.calibration} holds {pixels.shape[1]}-pixel images; "
-                f"{self.spec.backbone} takes {self.input_size}"
-            )
+        pixels = load_calibration(self.settings.calibration, self.input_size)
         dataset = nncf.Dataset(list(pixels), lambda p: p[None].astype(np.float32))
         return nncf.quantize(model, dataset, subset_size=len(pixels))
 

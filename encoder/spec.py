@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from encoder.backbones import get_backbone
+from encoder.calibrate import load_calibration
 from encoder.planes import planes_sha256
 from encoder.random_weights import RANDOM_WEIGHTS_ID
 from encoder.settings import Settings
@@ -143,8 +144,14 @@ def weights_identity(weights: str) -> str:
 
 
 def spec_for(settings: Settings) -> CodeSpec:
-    """The spec that ``settings`` will produce, computed without building the model."""
+    """The spec that ``settings`` will produce, computed without building the model.
+    Raises ``ValueError`` for settings no encoder can run (int8 without a valid
+    calibration sample), before anything is written or sent."""
     backbone = get_backbone(settings.backbone)
+    if settings.precision == "int8":
+        if not settings.calibration:
+            raise ValueError("--precision int8 needs --calibration FILE (from `imgenc calibrate`)")
+        load_calibration(settings.calibration, backbone.input_size)
     if settings.layout == "spatial":
         code_shape: tuple[int, ...] = (backbone.positions, settings.bits)
     else:

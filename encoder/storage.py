@@ -33,7 +33,9 @@ class Storage(Protocol):
 
 class LocalStorage:
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+        # Absolute: a destination named relative to one process's working directory must
+        # mean the same folder to every process it is handed to (the Celery workers).
+        self.root = Path(os.path.abspath(root))
         self.url = str(self.root)
 
     def put(self, key: str, data: bytes) -> None:

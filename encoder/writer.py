@@ -38,19 +38,27 @@ def ensure_spec(
 ) -> None:
     """Write ``spec.json`` (and beside it the files the spec hashes: the centre, the int8
     calibration sample), or check that the spec already there matches."""
+    if check_spec(storage, spec):
+        return
+    for key, path in ((CENTER_KEY, center), (CALIBRATION_KEY, calibration)):
+        if path:
+            with open(path, "rb") as f:
+                storage.put(key, f.read())
+    storage.put(SPEC_KEY, spec.to_json().encode())
+
+
+def check_spec(storage: Storage, spec: CodeSpec) -> bool:
+    """Whether ``storage`` already has a spec; raises ``SpecMismatch`` if it is another
+    one.  Reads only: a destination is refused before a model is built for it."""
     try:
         existing = CodeSpec.from_json(storage.get(SPEC_KEY))
     except KeyError:
-        for key, path in ((CENTER_KEY, center), (CALIBRATION_KEY, calibration)):
-            if path:
-                with open(path, "rb") as f:
-                    storage.put(key, f.read())
-        storage.put(SPEC_KEY, spec.to_json().encode())
-        return
+        return False
     try:
-        existing.check_compatible(spec, what=f"the codes already in {storage.url}")
+        existing.check_compatible(spec, what=f"the destination {storage.url}: its codes")
     except SpecMismatch as exc:
         raise SpecMismatch(f"{exc}; write to another destination") from None
+    return True
 
 
 def open_destination(

@@ -65,8 +65,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from encoder.calibrate import calibration_sample
-    from encoder.openvino_runtime import save_calibration
+    from encoder.calibrate import calibration_sample, save_calibration
 
     try:
         pixels, ids = calibration_sample(

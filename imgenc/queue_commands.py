@@ -96,7 +96,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"imgenc: error: {exc.args[0]}", file=sys.stderr)
         return 2
     _print_status(status, args.json)
-    return 0
+    return status.exit_code()  # 3, as --wait, once images could not be encoded for a setup reason
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:

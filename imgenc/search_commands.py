@@ -13,6 +13,22 @@ from typing import Any
 AddModelArgs = Callable[[argparse.ArgumentParser], None]
 
 
+def _bounded(kind: type, low: float, high: float | None = None) -> Callable[[str], Any]:
+    """An argparse type: a number of ``kind`` from ``low`` to ``high`` (inclusive)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < low or (high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {span}")
+        return value
+
+    return parse
+
+
 def _open_index(args: argparse.Namespace) -> Any:
     from search import Index
 
@@ -38,6 +54,8 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
             return _error(f"{args.dest} holds no codes (no spec.json): {exc.args[0]}")
         except (SpecMismatch, WeightsUnavailable, StorageError, ValueError) as exc:
             return _error(exc)
+        except FileNotFoundError as exc:  # a --weights file that is not there
+            return _error(exc.args[0] if exc.args else exc)
 
     return run
 
@@ -66,7 +84,11 @@ def cmd_similar(args: argparse.Namespace) -> int:
         return _error(f"no image {args.image_id!r} among the {len(index)} ok images of {args.dest}")
     found = index.similar(args.image_id, args.k).to_json()
     if args.json:
-        print(json.dumps({"query": args.image_id, "status": "ok", "results": found}))
+        print(
+            json.dumps(
+                {"query": args.image_id, "status": "ok", "results": found}, ensure_ascii=False
+            )
+        )
     else:
         _print_neighbours(args.image_id, "ok", "", found)
     return 0
@@ -146,7 +168,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def add_commands(sub: argparse._SubParsersAction, add_model_args: AddModelArgs) -> None:
     def common(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("dest", help="destination directory or s3://bucket/prefix")
-        parser.add_argument("-k", type=int, default=10, help="results per query [10]")
+        parser.add_argument("-k", type=_bounded(int, 1), default=10, help="results per query [10]")
         parser.add_argument("--json", action="store_true", help="JSON Lines, one per query")
 
     def query_weights(parser: argparse.ArgumentParser) -> None:
@@ -171,7 +193,7 @@ def add_commands(sub: argparse._SubParsersAction, add_model_args: AddModelArgs) 
     dedup.add_argument("dest")
     dedup.add_argument(
         "--max-distance",
-        type=int,
+        type=_bounded(int, 0),
         help="most bits two copies may differ by [1.4%% of the bits pooled (7 of 500), "
         "4%% spatial (980 of 24,500)]",
     )
@@ -186,7 +208,7 @@ def add_commands(sub: argparse._SubParsersAction, add_model_args: AddModelArgs) 
     serve = sub.add_parser("serve", help="the search service and its results page")
     serve.add_argument("dest")
     serve.add_argument("--host", default="127.0.0.1", help="[127.0.0.1: this machine only]")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_bounded(int, 1, 65535), default=8000)
     serve.add_argument("--auth", metavar="USER:PASSWORD", help="HTTP basic auth")
     serve.add_argument("--no-auth", action="store_true", help="allow a non-loopback --host bare")
     serve.add_argument(
@@ -194,14 +216,18 @@ def add_commands(sub: argparse._SubParsersAction, add_model_args: AddModelArgs) 
         action="store_true",
         help="encode query images on the Celery workers (IMGENC_BROKER_URL) instead of here",
     )
-    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="upload cap [20]")
-    serve.add_argument("--query-timeout", type=float, default=30.0, help="s to wait for a worker")
+    serve.add_argument(
+        "--max-upload-mb", type=_bounded(float, 0.001), default=20.0, help="upload cap [20]"
+    )
+    serve.add_argument(
+        "--query-timeout", type=_bounded(float, 0.1), default=30.0, help="s to wait for a worker"
+    )
     serve.add_argument("--image-root", help="where the catalogue images are, for thumbnails")
     serve.add_argument(
         "--refresh-seconds",
-        type=float,
+        type=_bounded(float, 0),
         default=30.0,
-        help="how often to take in what new jobs added to DEST [30]",
+        help="how often to take in what new jobs added to DEST [30; 0: never]",
     )
     query_weights(serve)
     serve.set_defaults(func=_guarded(cmd_serve))

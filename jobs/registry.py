@@ -264,6 +264,9 @@ class JobRegistry:
             (scanning, chunks), recorded = pipe.execute()
         return scanning == "0" and recorded >= int(chunks or 0)
 
+    def is_merged(self, job_id: str) -> bool:
+        return self.r.hexists(self._key(job_id), "finished_at")
+
     def mark_finished(self, job_id: str) -> None:
         self.r.hset(self._key(job_id), "finished_at", time.time())
 

@@ -148,7 +148,8 @@ def enqueue(
     spec = spec_for(settings)
     registry = JobRegistry.from_url(settings.broker_url)
     registry.r.ping()  # an unreachable broker fails here, before anything is written
-    _, skip = open_destination(out, spec, settings, resume)
+    storage, skip = open_destination(out, spec, settings, resume)
+    out = storage.url  # a local destination as an absolute path, the same for every worker
 
     job_id = uuid.uuid4().hex[:12]
     registry.create(

@@ -139,6 +139,12 @@ def find_duplicates(index: Index, max_distance: int | None = None) -> DuplicateG
     """The near-duplicate groups of an index; see the module docstring."""
     if max_distance is None:
         max_distance = default_max_distance(index)
+    limit = int(np.prod(index.spec.code_shape)) // 2
+    if not 0 <= max_distance <= limit:
+        raise ValueError(
+            f"max distance must be between 0 and {limit} bits, half the code: unrelated "
+            f"codes differ by about that much, so a larger one would group everything"
+        )
     index = index.exact()
     ids = index.ids
     pairs = close_pairs(index, max_distance)

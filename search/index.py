@@ -29,6 +29,7 @@ import logging
 import secrets
 import threading
 import time
+import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -287,8 +288,8 @@ class Index:
             or (self.kind == "hnsw" and meta.get("hnsw_m") != self.hnsw_m)
         ):
             return False
-        generation = meta["generation"]
         try:
+            generation = meta["generation"]
             data = self.storage.get(f"{INDEX_PREFIX}/{generation}.faiss")
             ids = json.loads(self.storage.get(f"{INDEX_PREFIX}/{generation}.ids.json"))
             with np.load(
@@ -297,9 +298,9 @@ class Index:
                 facts = _Facts(
                     f["pixels"], f["file_bytes"], f["root_index"], [str(r) for r in f["roots"]]
                 )
-        except (KeyError, ValueError, OSError):
-            return False
-        faiss_index = faiss.deserialize_index_binary(np.frombuffer(data, np.uint8))
+            faiss_index = faiss.deserialize_index_binary(np.frombuffer(data, np.uint8))
+        except (KeyError, ValueError, OSError, EOFError, RuntimeError, zipfile.BadZipFile):
+            return False  # damaged or partly written (faiss raises RuntimeError): rebuild
         if not faiss_index.ntotal == len(ids) == meta.get("count") == len(facts.pixels):
             return False
         if self.kind == "hnsw":
@@ -359,14 +360,14 @@ class Index:
         describes, through the encoder's image loader, and search for each: one
         ``QueryResult`` per image, a bad one with its status instead of results.
         ``encoder`` defaults to one built in this process (``EmbeddedQueryEncoder``)."""
-        from search.query_encoder import answer_queries, read_query_images
+        from search.query_encoder import QueryResult, answer_queries, read_query_file
 
         if encoder is None:
             encoder = self.embedded_encoder()
-        paths = [x for x in images if isinstance(x, str)]
-        read = dict(zip(paths, read_query_images(paths), strict=True))
-        ordered = [read[x] if isinstance(x, str) else x for x in images]
-        return answer_queries(self, encoder, ordered, k)
+        read = [read_query_file(x) if isinstance(x, str) else x for x in images]
+        readable = [x for x in read if not isinstance(x, QueryResult)]
+        answers = iter(answer_queries(self, encoder, readable, k))
+        return [x if isinstance(x, QueryResult) else next(answers) for x in read]
 
     def embedded_encoder(self, **kwargs: Any) -> Any:
         """The destination's model in this process, built on first use (TensorFlow)."""

@@ -12,6 +12,7 @@ encode queries too (``producer.RemoteQueryEncoder``), with the same interface.
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,16 +37,17 @@ class QueryEncoder(Protocol):
         ...
 
 
-def read_query_images(paths: list[str]) -> list[QueryImage]:
-    """Query files read as bytes; a file that cannot be read gives empty bytes (status
-    ``empty``) rather than an exception, so one bad query never stops the others."""
-    images = []
-    for path in paths:
-        try:
-            images.append((path, Path(path).read_bytes()))
-        except OSError:
-            images.append((path, b""))
-    return images
+def read_query_file(
+    path: str, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+) -> QueryImage | QueryResult:
+    """A query file's ``(path, bytes)``, or, when it cannot be read, its ``QueryResult``
+    with the loader's status (``missing``, ``not_a_file``, ``unreadable``, ``empty``,
+    ``too_large``): one bad query never stops the others."""
+    reader = ImageLoader("/", 1, max_file_bytes)  # any path on this machine may be a query
+    result, data = reader.read(os.path.abspath(path).lstrip("/"))
+    if data is None:
+        return QueryResult(path, str(result.status), result.error)
+    return path, data
 
 
 def destination_file(storage: Storage, key: str, sha256: str | None, folder: Path) -> str | None:

@@ -11,7 +11,8 @@ Endpoints:
 - ``GET /duplicates``: the near-duplicate groups (``?max_distance=``);
 - ``GET /thumb/{id}``: a small JPEG of a catalogue image: only ids of the index, read
   inside the image root;
-- ``GET /healthz``: what is indexed, whether the destination has moved on, batching figures.
+- ``GET /healthz``: what is indexed, when it was last compared with the destination
+  (``checked_at``, every ``refresh_seconds``), batching figures.
 
 Query images are encoded through a ``MicroBatcher``: uploads that arrive together share
 one model call.  The encoder is the destination's model in this process, or the Celery
@@ -24,11 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import hmac
 import io
+import ipaddress
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,9 +84,11 @@ class SearchService:
         self.batcher: MicroBatcher[Query, QueryResult] = MicroBatcher(
             self._answer, max_batch, max_wait
         )
-        self._thumbs: OrderedDict[str, bytes] = OrderedDict()
+        self._thumbs: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self._thumb_lock = threading.Lock()
         self._duplicates: dict[tuple[str, int | None], DuplicateGroups] = {}
+        self.refresh_seconds = refresh_seconds
+        self.checked_at = time.time()  # when the index was last compared with DEST
         if refresh_seconds > 0:
             threading.Thread(
                 target=self._keep_fresh, args=(refresh_seconds,), name="index-refresh", daemon=True
@@ -100,7 +106,9 @@ class SearchService:
         stop = threading.Event()
         while not stop.wait(seconds):
             try:
-                if self.index.refresh(save=False):
+                changed = self.index.refresh(save=False)
+                self.checked_at = time.time()
+                if changed:
                     log.info("index updated: %d images", len(self.index))
                     try:
                         self.index.save()
@@ -115,14 +123,27 @@ class SearchService:
             self._duplicates = {key: find_duplicates(self.index, max_distance)}
         return self._duplicates[key]
 
-    def thumbnail(self, image_id: str) -> bytes | None:
-        """A JPEG of an indexed image, or None when it is not one or cannot be read."""
-        with self._thumb_lock:
-            if image_id in self._thumbs:
-                self._thumbs.move_to_end(image_id)
-                return self._thumbs[image_id]
-        if image_id not in self.index:
+    def thumbnail_tag(self, image_id: str) -> str | None:
+        """An ETag for the thumbnail of an indexed image as it is encoded now (its pixel
+        count and file size), or None when the id is not indexed."""
+        try:
+            pixels, file_bytes, _ = self.index.image(image_id)
+        except KeyError:
             return None
+        digest = hashlib.sha256(f"{image_id}\0{pixels}\0{file_bytes}".encode()).hexdigest()
+        return f'"{digest[:20]}"'
+
+    def thumbnail(self, image_id: str) -> bytes | None:
+        """A JPEG of an indexed image, or None when it is not one or cannot be read.
+        Cached by id and ``thumbnail_tag``: an image encoded again gets a new one."""
+        tag = self.thumbnail_tag(image_id)
+        if tag is None:
+            return None
+        key = (image_id, tag)
+        with self._thumb_lock:
+            if key in self._thumbs:
+                self._thumbs.move_to_end(key)
+                return self._thumbs[key]
         root = self.image_root or self.index.image(image_id)[2]
         if not root:
             return None
@@ -134,7 +155,7 @@ class SearchService:
         picture.save(buffer, "JPEG", quality=85)
         data = buffer.getvalue()
         with self._thumb_lock:
-            self._thumbs[image_id] = data
+            self._thumbs[key] = data
             while len(self._thumbs) > THUMB_CACHE:
                 self._thumbs.popitem(last=False)
         return data
@@ -143,6 +164,8 @@ class SearchService:
         return {
             "status": "ok",
             **self.index.describe(),
+            "checked_at": self.checked_at,
+            "refresh_seconds": self.refresh_seconds,
             "batches": self.batcher.batches,
             "queries": self.batcher.items,
         }
@@ -173,7 +196,11 @@ def create_app(
         if not isinstance(upload, UploadFile) and not hasattr(upload, "read"):
             raise HTTPException(400, "send the image as a multipart field named 'image'")
         data = await upload.read()
-        k = int(form.get("k") or k)
+        field = form.get("k")
+        if field is not None and field != "":
+            if not isinstance(field, str) or not field.strip().isdigit():
+                raise HTTPException(422, f"k must be a whole number from 1 to {MAX_K}")
+            k = int(field)
         if not 1 <= k <= MAX_K:
             raise HTTPException(422, f"k must be between 1 and {MAX_K}")
         future = service.batcher.submit(Query(upload.filename or "upload", data, k))
@@ -193,14 +220,22 @@ def create_app(
 
     @app.get("/duplicates")
     def duplicates(max_distance: int | None = QueryParam(None, ge=0)) -> dict[str, Any]:
-        return service.duplicates(max_distance).to_json()
+        try:
+            return service.duplicates(max_distance).to_json()
+        except ValueError as exc:  # beyond half the code's bits
+            raise HTTPException(422, str(exc)) from None
 
     @app.get("/thumb/{image_id:path}")
-    def thumb(image_id: str) -> Response:
+    def thumb(image_id: str, request: Request) -> Response:
+        tag = service.thumbnail_tag(image_id)
+        # Browsers revalidate (no-cache) and get 304 while the image is encoded the same.
+        headers = {"Cache-Control": "no-cache", "ETag": tag or ""}
+        if tag is not None and request.headers.get("if-none-match") == tag:
+            return Response(status_code=304, headers=headers)
         data = service.thumbnail(image_id)
         if data is None:
             raise HTTPException(404, f"no thumbnail for {image_id!r}")
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+        return Response(data, media_type="image/jpeg", headers=headers)
 
     wrapped: Any = app
     wrapped = UploadLimit(wrapped, max_upload_bytes)
@@ -276,7 +311,14 @@ async def _reply(send: Any, status: int, detail: str, headers: dict | None = Non
 
 
 def is_loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+    """Whether ``host`` is a loopback address (or ``localhost``); a name that merely looks
+    like one (``127.example.com``) is not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def serve(app: Any, host: str, port: int) -> None:

@@ -70,13 +70,15 @@ def png_header(width: int, height: int) -> bytes:
 
 
 # --- imgenc and encoders -------------------------------------------------------------------
-def imgenc(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+def imgenc(
+    *args: str, env: dict | None = None, cwd: Path = REPO, **kwargs
+) -> subprocess.CompletedProcess:
     """``imgenc ARGS`` in a subprocess, with no ``IMGENC_*`` variable but those in ``env``."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("IMGENC_")}
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "imgenc", *args],
-        cwd=REPO,
+        cwd=cwd,
         env=full_env,
         capture_output=True,
         text=True,

@@ -5,11 +5,12 @@ worker's log."""
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
 
-from tests.helpers import CeleryWorker, imgenc, worker_env, write_jpegs
+from tests.helpers import REPO, CeleryWorker, imgenc, wait_for, worker_env, write_jpegs
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_images_the_workers_cannot_find_fail_the_wait_and_status_names_both_root
     job_id = run.stdout.splitlines()[0].strip()
 
     status = imgenc("status", job_id, "--json", env=producer_env(redis_url))
-    assert status.returncode == 0
+    assert status.returncode == 3  # as --wait: a setup problem, not a success
     problems = json.loads(status.stdout)["problems"]
     assert len(problems) == 1
     assert f"relative to its image root {data / 'a'}" in problems[0]
@@ -99,3 +100,39 @@ def test_a_folder_outside_the_image_root_is_refused_before_anything_is_sent(
     assert run.returncode == 2
     assert "is not inside the image root" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_relative_destination_names_the_producers_folder_for_the_workers_too(
+    redis_url, data, rooted_worker, tmp_path
+):
+    """The worker runs in another working directory than the producer: ``--out rel`` must
+    not split the destination between the two."""
+    env = producer_env(redis_url, IMGENC_IMAGE_ROOT=str(data))
+    run = imgenc(
+        "enqueue", str(data / "a"), "--out", "rel-out", "--wait", "--no-progress",
+        env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    manifest = pd.read_csv(tmp_path / "rel-out" / "manifest.csv")
+    assert (manifest.status == "ok").all() and len(manifest) == 5
+    assert len(list((tmp_path / "rel-out" / "codes").glob("*.npy"))) == 1
+    assert not (REPO / "rel-out").exists()
+
+
+def test_the_merge_of_a_job_is_done_and_logged_once(redis_url, data, rooted_worker, tmp_path):
+    before = len(rooted_worker.text())
+    env = producer_env(redis_url, IMGENC_IMAGE_ROOT=str(data))
+    run = imgenc(
+        "enqueue", str(data / "a"), "--out", str(tmp_path / "o"), "--wait", "--no-progress",
+        "--chunk", "2", env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    job_id = run.stdout.splitlines()[0].strip()
+    # One worker takes its queue in order: the finalize message comes after the chunks.
+    wait_for(
+        lambda: re.search(r"imgenc\.finalize_job\[.*\] succeeded", rooted_worker.text()[before:]),
+        30,
+        "the job's finalize message",
+    )
+    log = rooted_worker.text()[before:]
+    assert log.count(f"job {job_id} complete: manifest of 5 rows merged") == 1

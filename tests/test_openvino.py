@@ -51,8 +51,8 @@ def pixels_of(folder, n=8, size=224):
 
 
 def test_calibrate_keeps_the_loaders_pixels_of_a_sample_of_the_folder(photos, calibration):
+    from encoder.calibrate import load_calibration
     from encoder.images import ImageLoader
-    from encoder.openvino_runtime import load_calibration
 
     pixels = load_calibration(calibration)
     assert pixels.shape == (16, 224, 224, 3) and pixels.dtype == np.uint8
@@ -123,7 +123,9 @@ def test_int8_codes_mostly_agree_with_fp32(photos, calibration, tmp_path):
     from encoder.model import load_encoder
 
     batch = pixels_of(photos)
-    fp32 = load_encoder(make_settings(layout="pooled", runtime="openvino", model_cache=str(tmp_path)))
+    fp32 = load_encoder(
+        make_settings(layout="pooled", runtime="openvino", model_cache=str(tmp_path))
+    )
     int8 = load_encoder(
         make_settings(layout="pooled", runtime="openvino", precision="int8",
                       calibration=str(calibration), model_cache=str(tmp_path))
@@ -157,7 +159,7 @@ def test_an_int8_destination_records_runtime_precision_and_calibration_and_carri
                     "--layout", "pooled", "--no-progress")  # fmt: skip
     assert tf_run.returncode == 2 and "runtime" in tf_run.stderr
     other = tmp_path / "other.npz"
-    from encoder.openvino_runtime import load_calibration, save_calibration
+    from encoder.calibrate import load_calibration, save_calibration
 
     save_calibration(other, load_calibration(calibration)[:8], ["x"] * 8)
     other_run = imgenc(
@@ -173,14 +175,51 @@ def test_an_int8_destination_records_runtime_precision_and_calibration_and_carri
     assert answer.results == [{"id": "img_00005.jpg", "distance": 0}]
 
 
-def test_int8_needs_openvino_and_a_calibration_sample(tmp_path, photos):
+def test_int8_needs_openvino_and_a_calibration_sample(tmp_path, photos, calibration):
     with pytest.raises(ValueError, match="openvino"):
         make_settings(precision="int8")
+    out = tmp_path / "o"
+    int8 = ("--weights", "random", "--runtime", "openvino", "--precision", "int8")
+    run = imgenc("encode", str(photos), "--out", str(out), *int8, "--no-progress")
+    assert run.returncode == 2 and "--calibration" in run.stderr and "Traceback" not in run.stderr
+    assert not out.exists()  # refused before anything was written...
     run = imgenc(
-        "encode", str(photos), "--out", str(tmp_path / "o"), "--weights", "random",
-        "--runtime", "openvino", "--precision", "int8", "--no-progress",
+        "encode", str(photos), "--out", str(out), *int8, "--calibration", str(calibration),
+        "--no-progress",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]  # ...so the right command then works
+    assert read_spec(out).calibration_sha256
+
+
+def test_a_file_that_is_no_calibration_sample_is_refused_in_one_line(tmp_path, photos):
+    junk = tmp_path / "junk.npz"
+    junk.write_text("hi\n")
+    stub = tmp_path / "stub.npz"  # a real sample, of the stub's 28-pixel input
+    run = imgenc("calibrate", str(photos), "--out", str(stub), "--sample", "2",
+                 "--backbone", "stub", "--no-progress", env={"IMGENC_WEIGHTS": "random"})  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    int8 = ("--weights", "random", "--runtime", "openvino", "--precision", "int8")
+    for sample, says in ((junk, "is not a calibration sample"), (stub, "28-pixel images")):
+        out = tmp_path / f"out-{sample.stem}"
+        run = imgenc(
+            "encode", str(photos), "--out", str(out), *int8, "--calibration", str(sample),
+            "--no-progress",
+        )  # fmt: skip
+        assert run.returncode == 2 and says in run.stderr and "Traceback" not in run.stderr
+        assert not out.exists()
+
+
+def test_enqueue_refuses_int8_without_a_calibration_sample_before_sending_anything(
+    tmp_path, photos
+):
+    out = tmp_path / "o"
+    run = imgenc(
+        "enqueue", str(photos), "--out", str(out), "--weights", "random",
+        "--runtime", "openvino", "--precision", "int8",
+        env={"IMGENC_BROKER_URL": "redis://127.0.0.1:9/0"},  # nothing listens: never reached
     )  # fmt: skip
     assert run.returncode == 2 and "--calibration" in run.stderr and "Traceback" not in run.stderr
+    assert not out.exists()
 
 
 def test_a_missing_openvino_is_a_one_line_refusal_naming_the_extra(tmp_path, photos):

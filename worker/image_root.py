@@ -31,7 +31,7 @@ class ImageRoot:
     def for_job(self, job: dict[str, str]) -> tuple[str, str]:
         """``(root, where the root comes from)`` for a job's registry entry."""
         if self.configured:
-            return self.configured, "this worker's IMGENC_IMAGE_ROOT"
+            return os.path.abspath(self.configured), "this worker's IMGENC_IMAGE_ROOT"
         return job["image_root"], "the producer's root; this worker sets no IMGENC_IMAGE_ROOT"
 
     def check_missing(

@@ -300,9 +300,12 @@ def _fail_chunk(message: ChunkMessage, reason: str) -> dict[str, int]:
 
 
 def finalize_if_complete(state: WorkerState, job_id: str, dest: str) -> bool:
-    """Merge the manifest once every chunk is recorded and the producer has finished."""
+    """Merge the manifest once every chunk is recorded and the producer has finished
+    (by the last chunk, or by the finalize message when the scan ended after it), once."""
     if not state.registry.is_complete(job_id):
         return False
+    if state.registry.is_merged(job_id):
+        return True
     storage = state.storage(dest)
     rows = STORAGE_BACKOFF.run(lambda: merge_manifest(storage), what=f"job {job_id} merge")
     state.registry.mark_finished(job_id)
