@@ -6,6 +6,7 @@ and an S3 destination."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -146,15 +147,18 @@ def test_query_images_go_through_the_loader_and_a_bad_one_gets_its_status(catalo
     index = Index.open(str(dest))
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
+    (tmp_path / "empty.jpg").write_bytes(b"")
     answers = index.query(
         [str(folder / "img_00011.jpg"), str(broken), str(tmp_path / "absent.jpg"),
-         ("upload.jpg", (folder / "img_00012.jpg").read_bytes())],
+         ("upload.jpg", (folder / "img_00012.jpg").read_bytes()), str(tmp_path),
+         str(tmp_path / "empty.jpg")],
         k=3,
     )  # fmt: skip
-    assert [a.status for a in answers] == ["ok", "not_an_image", "empty", "ok"]
+    statuses = [a.status for a in answers]
+    assert statuses == ["ok", "not_an_image", "missing", "ok", "not_a_file", "empty"]
     assert answers[0].results[0] == {"id": "img_00011.jpg", "distance": 0}
     assert answers[3].results[0] == {"id": "img_00012.jpg", "distance": 0}
-    assert answers[1].results == [] and answers[1].error
+    assert all(a.results == [] and a.error for a in answers if a.status != "ok")
 
 
 def test_a_query_encoder_of_another_spec_is_refused_naming_the_fields(catalogue):
@@ -274,7 +278,7 @@ def test_search_and_similar_on_the_command_line_print_json_lines(catalogue, tmp_
     )
     assert run.returncode == 1  # one query could not be read
     lines = [json.loads(line) for line in run.stdout.splitlines()]
-    assert [x["status"] for x in lines] == ["ok", "empty"]
+    assert [x["status"] for x in lines] == ["ok", "missing"]
     assert lines[0]["results"][0] == {"id": "img_00004.jpg", "distance": 0}
     similar = imgenc("similar", str(dest), "img_00004.jpg", *flags)
     assert similar.returncode == 0 and len(json.loads(similar.stdout)["results"]) == 3
@@ -329,3 +333,43 @@ def test_an_s3_destination_is_indexed_and_its_index_persisted_in_the_bucket(tmp_
         assert answer.results == [{"id": "img_00002.jpg", "distance": 0}]
     finally:
         s3.stop()
+
+
+def test_a_damaged_saved_index_is_rebuilt_instead_of_failing(catalogue):
+    _, dest = catalogue
+    Index.open(str(dest))
+    (saved,) = (dest / "index").glob("*.faiss")
+    saved.write_bytes(saved.read_bytes()[:100])
+    index = Index.open(str(dest))
+    assert index.origin == "built" and len(index) == 60
+    assert index.similar("img_00001.jpg", 1).ids
+    run = imgenc("similar", str(dest), "img_00001.jpg", "-k", "2")
+    assert run.returncode == 0, run.stderr
+
+
+def test_a_code_shard_missing_from_the_destination_is_a_one_line_error(catalogue):
+    _, dest = catalogue
+    for shard in (dest / "codes").glob("*.npy"):
+        shard.unlink()
+    shutil.rmtree(dest / "index", ignore_errors=True)
+    run = imgenc("similar", str(dest), "img_00001.jpg")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "which is not there" in run.stderr
+
+
+def test_arguments_out_of_range_are_usage_errors_not_tracebacks(catalogue):
+    folder, dest = catalogue
+    query = str(folder / "img_00001.jpg")
+    for args in (
+        ("search", str(dest), query, "-k", "0"),
+        ("similar", str(dest), "img_00001.jpg", "-k", "-5"),
+        ("dedup", str(dest), "--max-distance", "-5"),
+        ("dedup", str(dest), "--max-distance", "2147483647"),  # beyond faiss's int too
+        ("dedup", str(dest), "--max-distance", "33"),  # over half of the 64 bits
+        ("search", str(dest), query, "--weights", "/no/such/weights.h5"),
+        ("serve", str(dest), "--port", "99999"),
+    ):
+        run = imgenc(*args)
+        assert run.returncode == 2 and "Traceback" not in run.stderr, (args, run.stderr)
+        assert "error" in run.stderr, args
+    assert find_duplicates(Index.open(str(dest)), 32).max_distance == 32  # half is allowed

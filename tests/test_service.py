@@ -132,6 +132,27 @@ def test_unknown_ids_and_paths_outside_the_catalogue_get_404(served, tmp_path):
         assert httpx.get(server.url + path).status_code == 404, path
 
 
+def test_a_k_or_max_distance_that_is_no_valid_number_gets_422_and_the_server_lives(served):
+    folder, _, server = served
+    photo = next(folder.iterdir()).read_bytes()
+    for k in ("abc", "5.0", "1e3", "-1", "0"):
+        response = httpx.post(
+            server.url + "/search", files={"image": ("q.jpg", photo)}, data={"k": k}, timeout=60
+        )
+        assert response.status_code == 422, k
+    for distance in ("99999999999999999999", "-1", "abc"):
+        response = httpx.get(server.url + "/duplicates", params={"max_distance": distance})
+        assert response.status_code == 422, distance
+    assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+def test_only_loopback_addresses_count_as_loopback():
+    from search.service import is_loopback
+
+    assert all(map(is_loopback, ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost")))
+    assert not any(map(is_loopback, ("127.evil.example", "0.0.0.0", "::", "", "10.0.0.1")))
+
+
 def test_similar_and_thumbnails_serve_catalogue_images(served):
     folder, _, server = served
     name = sorted(p.name for p in folder.iterdir())[5]
@@ -225,6 +246,34 @@ def test_a_restarted_server_serves_the_persisted_index_and_takes_in_new_images(t
         assert httpx.get(second.url + "/similar/added.jpg").status_code == 200
     finally:
         second.stop()
+
+
+def test_a_thumbnail_follows_its_image_when_the_image_is_encoded_again(tmp_path):
+    from encoder.folder_run import encode_folder
+
+    folder, dest = encode_examples(tmp_path)
+    server = SearchServer(str(dest), tmp_path / "s.log", server_env(), "--refresh-seconds", "1")
+    server.start()
+    try:
+        name = sorted(p.name for p in folder.iterdir())[2]
+        first = httpx.get(f"{server.url}/thumb/{name}")
+        tag = first.headers["etag"]
+        assert first.status_code == 200 and tag and first.headers["cache-control"] == "no-cache"
+        again = httpx.get(f"{server.url}/thumb/{name}", headers={"if-none-match": tag})
+        assert again.status_code == 304
+        generation = httpx.get(server.url + "/healthz").json()["generation"]
+        Image.new("RGB", (300, 120), (200, 30, 30)).save(folder / name, "JPEG")
+        encode_folder(folder, str(dest), make_settings(**MODEL), resume=True, progress=False)
+        wait_for(
+            lambda: httpx.get(server.url + "/healthz").json()["generation"] != generation,
+            30,
+            "the index to take in the re-encoded image",
+        )
+        second = httpx.get(f"{server.url}/thumb/{name}", headers={"if-none-match": tag})
+        assert second.status_code == 200 and second.headers["etag"] != tag
+        assert Image.open(io.BytesIO(second.content)).size == (256, 102)  # the new picture
+    finally:
+        server.stop()
 
 
 def test_with_workers_the_celery_workers_encode_the_queries(redis_server, tmp_path):
