@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pandas as pd
 import pytest
@@ -108,15 +109,19 @@ def test_a_relative_destination_names_the_producers_folder_for_the_workers_too(
     """The worker runs in another working directory than the producer: ``--out rel`` must
     not split the destination between the two."""
     env = producer_env(redis_url, IMGENC_IMAGE_ROOT=str(data))
-    run = imgenc(
-        "enqueue", str(data / "a"), "--out", "rel-out", "--wait", "--no-progress",
-        env=env, cwd=tmp_path,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout + run.stderr
-    manifest = pd.read_csv(tmp_path / "rel-out" / "manifest.csv")
-    assert (manifest.status == "ok").all() and len(manifest) == 5
-    assert len(list((tmp_path / "rel-out" / "codes").glob("*.npy"))) == 1
-    assert not (REPO / "rel-out").exists()
+    name = f"rel-out-{tmp_path.name}"
+    try:
+        run = imgenc(
+            "enqueue", str(data / "a"), "--out", name, "--wait", "--no-progress",
+            env=env, cwd=tmp_path,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout + run.stderr
+        manifest = pd.read_csv(tmp_path / name / "manifest.csv")
+        assert (manifest.status == "ok").all() and len(manifest) == 5
+        assert len(list((tmp_path / name / "codes").glob("*.npy"))) == 1
+        assert not (REPO / name).exists()  # where the worker (cwd: the checkout) would write
+    finally:
+        shutil.rmtree(REPO / name, ignore_errors=True)
 
 
 def test_the_merge_of_a_job_is_done_and_logged_once(redis_url, data, rooted_worker, tmp_path):
