@@ -278,3 +278,10 @@ def test_imagenet_download_failure_exits_with_one_paragraph_not_a_traceback(jpeg
     error = [line for line in run.stderr.splitlines() if line.startswith("imgenc: error:")]
     assert len(error) == 1 and "--weights PATH" in error[0] and "--weights random" in error[0]
     assert "Traceback" not in run.stderr
+    # Nothing was written, so the alternative the message names works on the same --out.
+    assert not (tmp_path / "o").exists()
+    again = imgenc(
+        "encode", str(jpeg_dir), "--out", str(tmp_path / "o"), "--weights", "random",
+        "--no-progress",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
