@@ -133,10 +133,11 @@ class SearchService:
         digest = hashlib.sha256(f"{image_id}\0{pixels}\0{file_bytes}".encode()).hexdigest()
         return f'"{digest[:20]}"'
 
-    def thumbnail(self, image_id: str) -> bytes | None:
+    def thumbnail(self, image_id: str, tag: str | None = None) -> bytes | None:
         """A JPEG of an indexed image, or None when it is not one or cannot be read.
-        Cached by id and ``thumbnail_tag``: an image encoded again gets a new one."""
-        tag = self.thumbnail_tag(image_id)
+        Cached by id and ``thumbnail_tag`` (pass it when already known): an image encoded
+        again gets a new one."""
+        tag = tag or self.thumbnail_tag(image_id)
         if tag is None:
             return None
         key = (image_id, tag)
@@ -232,7 +233,7 @@ def create_app(
         headers = {"Cache-Control": "no-cache", "ETag": tag or ""}
         if tag is not None and request.headers.get("if-none-match") == tag:
             return Response(status_code=304, headers=headers)
-        data = service.thumbnail(image_id)
+        data = service.thumbnail(image_id, tag) if tag is not None else None
         if data is None:
             raise HTTPException(404, f"no thumbnail for {image_id!r}")
         return Response(data, media_type="image/jpeg", headers=headers)

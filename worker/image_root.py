@@ -28,10 +28,14 @@ class ImageRoot:
     configured: str | None  # this worker's image_root setting (IMGENC_IMAGE_ROOT), if any
     checked_jobs: set[str] = field(default_factory=set)
 
+    def __post_init__(self) -> None:
+        if self.configured:  # a relative root means the same folder in every message and log
+            self.configured = os.path.abspath(self.configured)
+
     def for_job(self, job: dict[str, str]) -> tuple[str, str]:
         """``(root, where the root comes from)`` for a job's registry entry."""
         if self.configured:
-            return os.path.abspath(self.configured), "this worker's IMGENC_IMAGE_ROOT"
+            return self.configured, "this worker's IMGENC_IMAGE_ROOT"
         return job["image_root"], "the producer's root; this worker sets no IMGENC_IMAGE_ROOT"
 
     def check_missing(
