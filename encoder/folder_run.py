@@ -47,6 +47,14 @@ def new_run_id() -> str:
     return f"local-{stamp}-{secrets.token_hex(2)}"
 
 
+def check_destination(image_dir: str | Path, dest: str, settings: Settings) -> None:
+    """Refuse, before a model is built, a folder that is not one or a destination of
+    another spec (read-only: nothing is written)."""
+    if not Path(image_dir).is_dir():
+        raise NotADirectoryError(f"{image_dir} is not a directory")
+    check_spec(open_storage(dest), spec_for(settings))
+
+
 def encode_folder(
     image_dir: str | Path,
     dest: str,
@@ -59,10 +67,8 @@ def encode_folder(
     from encoder.model import load_encoder
 
     image_dir = Path(image_dir)
-    if not image_dir.is_dir():
-        raise NotADirectoryError(f"{image_dir} is not a directory")
+    check_destination(image_dir, dest, settings)
     spec = spec_for(settings)
-    check_spec(open_storage(dest), spec)  # refuse another spec before building the model
     # Built before anything is written: a model that cannot be built (no ImageNet
     # download, a missing runtime) leaves the destination as it was.
     enc = encoder if encoder is not None else load_encoder(settings)

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from encoder.copies import parse_kinds
+
 ENV_PREFIX = "IMGENC_"
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 
@@ -41,6 +43,9 @@ class Settings:
     runtime: str = "tensorflow"  # or "openvino" (CPU workers; fp32, bf16 or int8)
     calibration: str | None = None  # int8: the sample from `imgenc calibrate`
     model_cache: str | None = None  # where OpenVINO keeps converted models [~/.cache/imgenc]
+    # --- the near-duplicate threshold fitted on each destination (search.duplicate_fit) ---
+    dedup_kinds: str = "jpeg,half,crop,rotate,bright,grey,mirror"  # what counts as a copy
+    dedup_false_pairs: float = 0.01  # the share of distinct images the threshold may pair
     # --- the pipeline ---
     batch: int = 32
     decode_threads: int = 2
@@ -73,6 +78,11 @@ class Settings:
         for name in ("bits", "batch", "decode_threads", "chunk", "max_strikes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        parse_kinds(self.dedup_kinds)
+        if not 0 < self.dedup_false_pairs < 0.5:
+            raise ValueError(
+                f"dedup_false_pairs must be between 0 and 0.5, not {self.dedup_false_pairs}"
+            )
         if self.visibility_timeout < 6:
             raise ValueError(
                 f"visibility_timeout must be at least 6 s (leases are renewed every sixth of "

@@ -11,19 +11,22 @@ AddModelArgs = Callable[[argparse.ArgumentParser], None]
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from encoder.folder_run import encode_folder
-    from encoder.model import WeightsUnavailable
+    from encoder.folder_run import check_destination, encode_folder
+    from encoder.model import WeightsUnavailable, load_encoder
     from encoder.openvino_runtime import RuntimeUnavailable
     from encoder.spec import SpecMismatch
     from encoder.storage import StorageError
 
     try:
+        check_destination(args.image_dir, args.out, args.settings)
+        encoder = load_encoder(args.settings)
         summary = encode_folder(
             args.image_dir,
             args.out,
             args.settings,
             resume=args.resume,
             progress=not args.no_progress,
+            encoder=encoder,
         )
     except (
         WeightsUnavailable,
@@ -47,9 +50,42 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if summary.interrupted:
         print("interrupted: rerun with --resume to encode the rest", file=sys.stderr)
         return 130
+    if not args.no_dedup_fit:
+        fit_after_encode(args, encoder)
     if args.strict and summary.failed:
         return 1
     return 0
+
+
+def fit_after_encode(args: argparse.Namespace, encoder: object) -> None:
+    """Fit the destination's near-duplicate threshold with the model just used, unless a
+    fit of nearly as many images is there; a failure is reported, never fatal."""
+    from search import Index
+    from search.duplicate_fit import TooFewImages, fit_destination, fit_is_current
+
+    settings = args.settings
+    try:
+        index = Index.open(args.out)
+        if fit_is_current(index):
+            return
+        fit = fit_destination(
+            index,
+            encoder,
+            settings.dedup_kinds.split(","),
+            settings.dedup_false_pairs,
+            progress=not args.no_progress,
+        )
+    except TooFewImages as exc:
+        print(f"near-duplicates: no threshold fitted: {exc}; imgenc dedup needs --max-distance")
+        return
+    except Exception as exc:  # noqa: BLE001  (the codes are written; only the fit failed)
+        print(
+            f"imgenc: warning: near-duplicate threshold not fitted ({type(exc).__name__}: {exc}); "
+            f"retry with imgenc fit-dedup {args.out}",
+            file=sys.stderr,
+        )
+        return
+    print(f"near-duplicates: {fit.summary()}")
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -116,6 +152,11 @@ def add_commands(sub: argparse._SubParsersAction, add_model_args: AddModelArgs) 
         help="skip images already ok in --out (same path, size and mtime)",
     )
     encode.add_argument("--strict", action="store_true", help="exit 1 if any image failed")
+    encode.add_argument(
+        "--no-dedup-fit",
+        action="store_true",
+        help="do not fit the near-duplicate threshold on the destination at the end",
+    )
     encode.add_argument("--no-progress", action="store_true", help="no progress bar")
     encode.set_defaults(func=cmd_encode)
 

@@ -94,14 +94,73 @@ def cmd_similar(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit(args: argparse.Namespace, index: Any) -> Any:
+    """Fit ``index``'s near-duplicate threshold with its own model, built here."""
+    from search.duplicate_fit import fit_destination
+
+    settings = args.settings
+    encoder = index.embedded_encoder(weights=getattr(args, "query_weights", None)).encoder
+    return fit_destination(
+        index,
+        encoder,
+        settings.dedup_kinds.split(","),
+        settings.dedup_false_pairs,
+        image_root=settings.image_root,
+        progress=not args.no_progress,
+    )
+
+
+def cmd_fit_dedup(args: argparse.Namespace) -> int:
+    from search.catalogue import CatalogueImages
+    from search.duplicate_fit import MIN_IMAGES
+
+    index = _open_index(args)
+    if len(index) >= MIN_IMAGES:
+        images = CatalogueImages(index, args.settings.image_root)
+        first = index.ids[0]
+        if not images.reachable(first):
+            loader = images.loader(first)
+            where = loader.root if loader else "(no image root recorded)"
+            return _error(
+                f"the images of {args.dest} are not where its manifest says ({first!r} under "
+                f"{where}): pass --image-root DIR where they are now"
+            )
+    fit = _fit(args, index)
+    print(f"{args.dest}: {fit.summary()}")
+    return 0
+
+
 def cmd_dedup(args: argparse.Namespace) -> int:
+    from search.catalogue import CatalogueImages
+    from search.duplicate_fit import NoThreshold, TooFewImages
     from search.duplicates import find_duplicates
 
-    groups = find_duplicates(_open_index(args), args.max_distance)
+    index = _open_index(args)
+    try:
+        groups = find_duplicates(index, args.max_distance)
+    except NoThreshold:
+        # An older destination, or one fitted for other codes: fit now if its images and
+        # its model can be reached, else say how.
+        if not index.ids or not CatalogueImages(index, args.settings.image_root).reachable(
+            index.ids[0]
+        ):
+            return _error(
+                f"{args.dest} has no near-duplicate threshold fitted for its codes, and its "
+                f"images cannot be read here to fit one: run `imgenc fit-dedup {args.dest} "
+                "--image-root DIR` where they are, or pass --max-distance"
+            )
+        print(f"no near-duplicate threshold fitted for {args.dest} yet: fitting one", file=sys.stderr)
+        try:
+            _fit(args, index)
+        except TooFewImages as exc:
+            return _error(f"{exc}; pass --max-distance")
+        groups = find_duplicates(index, args.max_distance)
     if args.out:
         with open(args.out, "w", encoding="utf-8", newline="") as f:
             f.write(groups.to_csv())
         print(f"groups written to {args.out}")
+    if groups.threshold is not None:
+        print(f"threshold: {groups.threshold.summary()}")
     print(groups.summary())
     return 0
 
@@ -178,6 +237,21 @@ def add_commands(sub: argparse._SubParsersAction, add_model_args: AddModelArgs) 
             help="the weights file the codes were made with, when they were made with one",
         )
 
+    def fit_flags(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--dedup-kinds",
+            help="the kinds of copy that count as duplicates "
+            "[jpeg,half,crop,rotate,bright,grey,mirror]",
+        )
+        parser.add_argument(
+            "--dedup-false-pairs",
+            type=_bounded(float, 0.0001, 0.49),
+            help="the share of distinct images the fitted threshold may pair [0.01]",
+        )
+        parser.add_argument("--image-root", help="where the images are, if they moved")
+        parser.add_argument("--no-progress", action="store_true")
+        query_weights(parser)
+
     search = sub.add_parser("search", help="the nearest catalogue images to query photos")
     common(search)
     search.add_argument("images", nargs="+", metavar="IMAGE")
@@ -194,11 +268,19 @@ def add_commands(sub: argparse._SubParsersAction, add_model_args: AddModelArgs) 
     dedup.add_argument(
         "--max-distance",
         type=_bounded(int, 0),
-        help="most bits two copies may differ by [1.4%% of the bits pooled (7 of 500), "
-        "4%% spatial (980 of 24,500)]",
+        help="most bits two copies may differ by [the threshold fitted on DEST's own images]",
     )
     dedup.add_argument("--out", help="CSV of the groups: group, id, distance to the kept image")
+    fit_flags(dedup)
     dedup.set_defaults(func=_guarded(cmd_dedup))
+
+    fit = sub.add_parser(
+        "fit-dedup",
+        help="fit DEST's near-duplicate threshold on its own images (with its own model)",
+    )
+    fit.add_argument("dest")
+    fit_flags(fit)
+    fit.set_defaults(func=_guarded(cmd_fit_dedup))
 
     index = sub.add_parser("index", help="build or update the search index of a destination")
     index.add_argument("dest")

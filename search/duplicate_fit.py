@@ -45,6 +45,7 @@ from encoder.codes import hamming
 from encoder.copies import COPY_KINDS, PixelCheck, make_copy, open_picture
 from encoder.images import LoadResult
 from encoder.storage import Storage
+from search.catalogue import CatalogueImages
 from search.index import Index
 
 log = logging.getLogger("imgenc.search")
@@ -108,7 +109,7 @@ class DuplicateThreshold:
         )
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+        return json.dumps(asdict(self), indent=1) + "\n"
 
     @classmethod
     def from_json(cls, data: bytes | str) -> DuplicateThreshold:
@@ -292,3 +293,42 @@ def fit_threshold(
         copies_in_catalogue=distinct_finder.copies_seen,
         limited_by="false pairs" if by_pairs <= cap else "farthest copy",
     )
+
+
+def fit_destination(
+    index: Index,
+    encoder: Any,
+    kinds: Sequence[str],
+    target: float = DEFAULT_TARGET,
+    image_root: str | None = None,
+    progress: bool = True,
+) -> DuplicateThreshold:
+    """Fit ``index``'s destination with ``encoder`` (its model: ``encode`` and
+    ``input_size``), reading its images where the manifest says they are (or under
+    ``image_root``), and store the result there."""
+    from tqdm import tqdm
+
+    images = CatalogueImages(index, image_root, encoder.input_size)
+    bar = tqdm(
+        total=min(COPIES_SAMPLE, len(index)),
+        desc="fit-dedup",
+        unit="img",
+        disable=not progress,
+        leave=False,
+    )
+    try:
+        fit = fit_threshold(index, images, encoder.encode, kinds, target, progress=bar.update)
+    finally:
+        bar.close()
+    save_threshold(index.storage, fit)
+    return fit
+
+
+def fit_is_current(index: Index, growth: float = 1.25) -> bool:
+    """Whether the stored fit for ``index``'s codes was made on at least ``1 / growth`` of
+    the images it holds now (a catalogue that grew more is fitted again)."""
+    try:
+        fit = read_threshold(index.storage, index.spec.fingerprint)
+    except NoThreshold:
+        return False
+    return fit.images * growth >= len(index)

@@ -1,16 +1,20 @@
-"""Near-duplicate groups: images whose codes are all within ``max_distance`` of each other.
+"""Near-duplicate groups: an image kept, and the images within ``max_distance`` of it.
+
+``max_distance`` defaults to the threshold fitted on the destination's own images
+(``search.duplicate_fit``); there is no constant default, since how far copies land
+depends on the model, the layout, the bits and the photos.
 
 1. Every image's neighbours within ``max_distance`` are found through the index, in batches:
    the ``k`` nearest first, and a faiss range search only for images whose ``k``-th
    neighbour is still within the threshold (a cluster of many copies).  Memory is
    O(N·k) plus the pairs found, never N×N.
-2. Pairs are taken nearest first (ties by the ids' order) and two groups merge only if
-   *every* image of one is within ``max_distance`` of every image of the other (complete
-   linkage).  So nothing chains: if A–B and B–C are close but A and C are far apart, A and C
-   never share a group.
-3. In each group one image is kept, by this rule: the most pixels (width × height as
-   stored), then the largest file, then the smallest id.  The others are the files that
-   could go; each row gives its distance to the kept image.
+2. Groups form around centres: the image with the most neighbours within the threshold
+   (an original among its copies; then the most pixels, the largest file, the smallest
+   id) is kept, and its neighbours not yet in a group join it; then the next.  Every
+   image of a group is within ``max_distance`` of the kept one, so nothing chains: if A–B
+   and B–C are close but A and C are far apart, A and C share a group only with B kept.
+3. The others of a group are the files that could go; each row gives its distance to
+   the kept image.
 
 Everything is deterministic: the same codes give the same groups in the same order.
 """
@@ -19,28 +23,17 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from encoder.storage import Storage
+from search.duplicate_fit import DuplicateThreshold, read_threshold
 from search.index import Index
 
-# Default thresholds, as a share of the code's bits: the 95th percentile of the distance
-# between a photo and its processed copies (recompressed, resized, cropped, rotated,
-# brightened), measured with `python -m bench --only dedup` on 300 photos with random
-# weights (docs/performance.md).  Spatial: 0.042 (distinct photos start at 0.040).
-# Pooled: 0.014; with random weights distinct photos are as close, so remeasure with the
-# weights you encode with (`python -m bench --weights PATH --only dedup`).
-DEFAULT_MAX_DISTANCE_SHARE = {"pooled": 0.014, "spatial": 0.04}
 NEIGHBOURS = 32  # k of the first search per image
 BATCH = 2048  # images searched per faiss call
-
-
-def default_max_distance(index: Index) -> int:
-    bits = int(np.prod(index.spec.code_shape))
-    return int(round(DEFAULT_MAX_DISTANCE_SHARE[index.spec.layout] * bits))
 
 
 @dataclass
@@ -50,6 +43,7 @@ class DuplicateGroups:
     max_distance: int
     groups: list[list[tuple[str, int]]] = field(default_factory=list)
     images: int = 0  # images looked at
+    threshold: DuplicateThreshold | None = None  # the fit max_distance came from, if any
 
     @property
     def removable(self) -> list[str]:
@@ -81,6 +75,7 @@ class DuplicateGroups:
     def to_json(self) -> dict[str, object]:
         return {
             "max_distance": self.max_distance,
+            "fitted": None if self.threshold is None else asdict(self.threshold),
             "images": self.images,
             "groups": [
                 [{"id": image_id, "distance": d} for image_id, d in group] for group in self.groups
@@ -136,9 +131,12 @@ def _keep_rank(index: Index, image_id: str) -> tuple[int, int, str]:
 
 
 def find_duplicates(index: Index, max_distance: int | None = None) -> DuplicateGroups:
-    """The near-duplicate groups of an index; see the module docstring."""
+    """The near-duplicate groups of an index; see the module docstring.  Without
+    ``max_distance``, the destination's fitted threshold (``NoThreshold`` if none)."""
+    threshold = None
     if max_distance is None:
-        max_distance = default_max_distance(index)
+        threshold = read_threshold(index.storage, index.spec.fingerprint)
+        max_distance = threshold.max_distance
     limit = int(np.prod(index.spec.code_shape)) // 2
     if not 0 <= max_distance <= limit:
         raise ValueError(
@@ -165,7 +163,7 @@ def find_duplicates(index: Index, max_distance: int | None = None) -> DuplicateG
         assigned.update([kept, *others])
         groups.append([(ids[kept], 0)] + [(ids[p], pairs[_pair(kept, p)]) for p in others])
     groups.sort(key=lambda g: g[0][0])
-    return DuplicateGroups(max_distance, groups, len(ids))
+    return DuplicateGroups(max_distance, groups, len(ids), threshold)
 
 
 def duplicates(dest: str | Storage, max_distance: int | None = None) -> DuplicateGroups:

@@ -46,6 +46,7 @@ from fastapi.staticfiles import StaticFiles
 from encoder.images import ImageLoader
 from encoder.storage import StorageError
 from search.batching import MicroBatcher
+from search.duplicate_fit import NoThreshold
 from search.duplicates import DuplicateGroups, find_duplicates
 from search.index import Index
 from search.query_encoder import QueryEncoder, QueryImage, QueryResult, answer_queries
@@ -225,6 +226,12 @@ def create_app(
             return service.duplicates(max_distance).to_json()
         except ValueError as exc:  # beyond half the code's bits
             raise HTTPException(422, str(exc)) from None
+        except NoThreshold:
+            raise HTTPException(
+                409,
+                "no near-duplicate threshold is fitted for these codes yet: run `imgenc "
+                "fit-dedup DEST` where the images are, or give a max distance",
+            ) from None
 
     @app.get("/thumb/{image_id:path}")
     def thumb(image_id: str, request: Request) -> Response:

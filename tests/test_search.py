@@ -216,16 +216,33 @@ def synthetic_destination(tmp_path: Path, codes: dict[str, list[int]], sizes=Non
     return dest
 
 
-def test_near_duplicates_do_not_chain_through_a_middle_image(tmp_path):
-    # a-b: 4 bits apart, b-c: 4 bits, a-c: 8 bits; with max distance 5, c cannot join a.
+def test_near_duplicates_do_not_chain_every_member_is_within_the_threshold_of_the_kept_one(
+    tmp_path,
+):
+    # A chain a-b-c-d-e, 4 bits a step (a-c is 8): with max distance 5 it is not one group.
+    # b, c and d have two neighbours each; b comes first (ties by id) and keeps a and c; d
+    # keeps e.  Every member is within 5 bits of its group's kept image.
+    chain = {name: list(range(4 * n)) for n, name in enumerate("abcde")}
+    dest = synthetic_destination(
+        tmp_path, {f"{k}.jpg": v for k, v in chain.items()} | {"far.jpg": list(range(30, 60))}
+    )
+    groups = find_duplicates(Index.open(str(dest)), max_distance=5)
+    assert groups.groups == [
+        [("b.jpg", 0), ("a.jpg", 4), ("c.jpg", 4)],
+        [("d.jpg", 0), ("e.jpg", 4)],
+    ]
+
+
+def test_the_kept_image_is_the_centre_an_original_among_its_copies(tmp_path):
+    # The original o has three copies, each 3 bits from it and 6 from one another; with max
+    # distance 4 the original, not a larger copy, is the image the group forms around.
     dest = synthetic_destination(
         tmp_path,
-        {"a.jpg": [], "b.jpg": [0, 1, 2, 3], "c.jpg": [0, 1, 2, 3, 4, 5, 6, 7], "far.jpg": list(range(30, 60))},
-    )  # fmt: skip
-    groups = find_duplicates(Index.open(str(dest)), max_distance=5)
-    members = [sorted(i for i, _ in g) for g in groups.groups]
-    assert members == [["a.jpg", "b.jpg"]]  # a-b first (ties by id), then c is 8 from a
-    assert all(max(d for _, d in g) <= 5 for g in groups.groups)
+        {"o.jpg": [], "c1.jpg": [0, 1, 2], "c2.jpg": [10, 11, 12], "c3.jpg": [20, 21, 22]},
+        sizes={"c1.jpg": (400, 400)},
+    )
+    groups = find_duplicates(Index.open(str(dest)), max_distance=4)
+    assert groups.groups == [[("o.jpg", 0), ("c1.jpg", 3), ("c2.jpg", 3), ("c3.jpg", 3)]]
 
 
 def test_groups_keep_the_largest_image_and_list_the_others_as_removable(tmp_path):

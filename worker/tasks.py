@@ -308,9 +308,38 @@ def finalize_if_complete(state: WorkerState, job_id: str, dest: str) -> bool:
         return True
     storage = state.storage(dest)
     rows = STORAGE_BACKOFF.run(lambda: merge_manifest(storage), what=f"job {job_id} merge")
+    fit_duplicate_threshold(state, job_id, storage)
     state.registry.mark_finished(job_id)
     log.info("job %s complete: manifest of %d rows merged into %s", job_id, len(rows), dest)
     return True
+
+
+def fit_duplicate_threshold(state: WorkerState, job_id: str, storage: Any) -> None:
+    """The job's last step: fit the destination's near-duplicate threshold here, where the
+    model and the images are (unless a fit of nearly as many images is there).  A fit
+    that fails is logged; it never fails the job (``imgenc fit-dedup`` can redo it)."""
+    from search import Index
+    from search.duplicate_fit import TooFewImages, fit_destination, fit_is_current
+
+    settings = state.settings
+    try:
+        index = Index.open(storage)
+        if fit_is_current(index):
+            return
+        root, _ = state.image_root.for_job(state.registry.job(job_id))
+        fit = fit_destination(
+            index,
+            state.encoder,
+            settings.dedup_kinds.split(","),
+            settings.dedup_false_pairs,
+            image_root=root,
+            progress=False,
+        )
+        log.info("job %s: near-duplicate threshold fitted: %s", job_id, fit.summary())
+    except TooFewImages as exc:
+        log.info("job %s: no near-duplicate threshold fitted: %s", job_id, exc)
+    except Exception:  # noqa: BLE001  (the codes are all written; only the fit failed)
+        log.exception("job %s: near-duplicate threshold not fitted", job_id)
 
 
 @app.task(name=FINALIZE_JOB, bind=True, max_retries=None)

@@ -106,9 +106,13 @@ async function showDuplicates() {
   const answer = await response.json();
   $("#max-distance").value = answer.max_distance;
   setStatus("");
+  const fitted = answer.fitted
+    ? ` Threshold fitted on this catalogue: about ${Math.round(100 * Object.values(answer.fitted.found).reduce((a, b) => a + b, 0) / Object.keys(answer.fitted.found).length)}% of copies found, ` +
+      `${(100 * answer.fitted.false_pairs).toFixed(1)}% of distinct images paired.`
+    : "";
   $("#dup-summary").textContent =
     `${answer.groups.length} groups among ${answer.images} images; ` +
-    `${answer.removable} files could go (the outlined one of each group is kept).`;
+    `${answer.removable} files could go (the outlined one of each group is kept).` + fitted;
   const groups = $("#groups");
   groups.replaceChildren();
   answer.groups.forEach((group, n) => {
