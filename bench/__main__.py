@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     measure.WEIGHTS["weights"] = args.weights
     work = Path(tempfile.mkdtemp(prefix="imgenc-bench-"))
     try:
-        count = args.n or (8 if args.quick else 1000)
+        count = args.n or (16 if args.quick else 1000)
         try:
             photos = prepare_photos(work / "images", count, args.images, args.quick)
         except NoPhotos as problem:

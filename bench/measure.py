@@ -3,9 +3,11 @@
 Every step runs in one process run, on the same photos, so ratios compare like with like
 on a shared, noisy machine.  A row is a figure: a value and its unit, optionally a ratio
 against a named reference measured in the same run, and a note.  Absolute figures are
-printed with the machine beside them.  Random weights are used throughout (no ImageNet
-download here): speed does not depend on the weights' values, and recall against the
-float features does not need trained weights.
+printed with the machine beside them.  The speed steps use random weights (no ImageNet
+download here; speed does not depend on the weights' values); figures of quality (the
+``quality`` step) use the one trained backbone that installs offline, EfficientNet-Lite0
+with its ImageNet weights: random features look alike for every photo, so a figure of
+quality measured on them means nothing.
 """
 
 from __future__ import annotations
@@ -309,13 +311,18 @@ def queue_capacity(ctx: Context) -> None:
                     note="64x48 JPEGs; decode + Python per image bound one process",
                 )
             )
+    rate = decode_rate(ctx, 16 if ctx.quick else 200)
+    ctx.add(Row("queue", "decode + resize to 224, one core, these photos", rate, "img/s"))
+
+
+def decode_rate(ctx: Context, n: int) -> float:
+    """Photos decoded and resized to 224 per second, one at a time (one core)."""
     loader = ImageLoader(ctx.images, 224)
-    files = ctx.files[: (16 if ctx.quick else 200)]
+    files = ctx.files[:n]
     start = time.perf_counter()
     for name in files:
         loader.load(name)
-    rate = len(files) / (time.perf_counter() - start)
-    ctx.add(Row("queue", "decode + resize to 224, one core, these photos", rate, "img/s"))
+    return len(files) / (time.perf_counter() - start)
 
 
 # 5. the notebook's pipeline ------------------------------------------------------------------
@@ -346,44 +353,50 @@ def notebook(ctx: Context) -> None:
     )
 
 
-# 6/7. precision and LSH fidelity -------------------------------------------------------------
-def _pooled_features(ctx: Context, precision: str) -> np.ndarray:
-    """The pooled float features of every photo, in batches of 32.  ``--weights random``
-    is seeded, so the fp32 and bf16 models hold the same weights."""
-    from encoder.model import Encoder
-
-    encoder = Encoder(settings(layout="pooled", precision=precision))
+# 6/7. precision fidelity --------------------------------------------------------------------
+def features(ctx: Context, encoder: Any) -> np.ndarray:
+    """``encoder.features`` of every photo, in ``ctx.files`` order, in batches of 32."""
     loader = ImageLoader(ctx.images, encoder.input_size)
     batches = []
     for start in range(0, len(ctx.files), 32):
-        pixels = [r.pixels for r in map(loader.load, ctx.files[start : start + 32]) if r.ok]
-        if pixels:
-            batches.append(encoder.features(np.stack(pixels)))
+        results = [loader.load(name) for name in ctx.files[start : start + 32]]
+        bad = [f"{r.id} ({r.status})" for r in results if not r.ok]
+        if bad:
+            raise RuntimeError(f"photos that do not decode: {', '.join(bad)}")
+        batches.append(encoder.features(np.stack([r.pixels for r in results])))
     return np.concatenate(batches)
 
 
-def _hamming_topk(codes: np.ndarray, k: int) -> np.ndarray:
-    packed = np.packbits(codes, axis=1)
-    dist = np.bitwise_count(packed[:, None, :] ^ packed[None, :, :]).sum(-1)
-    np.fill_diagonal(dist, np.iinfo(dist.dtype).max)
+def hamming_topk(codes: np.ndarray, k: int) -> np.ndarray:
+    """Each row's ``k`` nearest other rows of the 0/1 ``codes`` (``(n, ...)``) by Hamming
+    distance, ties broken by position (as the index breaks them by id, for ids in order).
+    The distances come from one matrix product: no ``n x n x bytes`` array."""
+    x = codes.reshape(len(codes), -1).astype(np.float32)  # exact up to 2**24 bits
+    ones = x.sum(axis=1)
+    dist = ones[:, None] + ones[None, :] - 2 * (x @ x.T)
+    np.fill_diagonal(dist, np.inf)
     return np.argsort(dist, axis=1, kind="stable")[:, :k]
 
 
-def _cosine_topk(features: np.ndarray, k: int) -> np.ndarray:
+def cosine_topk(features: np.ndarray, k: int) -> np.ndarray:
     unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     sim = unit @ unit.T
     np.fill_diagonal(sim, -np.inf)
     return np.argsort(-sim, axis=1, kind="stable")[:, :k]
 
 
-def _overlap(a: np.ndarray, b: np.ndarray) -> float:
+def overlap(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean([len(set(x) & set(y)) / len(x) for x, y in zip(a, b, strict=True)]))
 
 
 def fidelity(ctx: Context) -> None:
-    """bf16 against fp32 (speed, bits, neighbours), and LSH recall, raw and centred."""
-    fp32 = _pooled_features(ctx, "fp32")
-    bf16 = _pooled_features(ctx, "bf16")
+    """bf16 against fp32: speed, code bits and neighbours (pooled).  ``--weights random``
+    is seeded, so the fp32 and bf16 models hold the same weights.  (Recall of the codes
+    against the float features is measured with trained weights by the ``quality`` step.)"""
+    from encoder.model import Encoder
+
+    fp32 = features(ctx, Encoder(settings(layout="pooled", precision="fp32")))
+    bf16 = features(ctx, Encoder(settings(layout="pooled", precision="bf16")))
     k = min(10, len(fp32) - 1)
 
     speed = ctx.figures["bare_bf16"] / ctx.figures["bare_fp32"]
@@ -392,24 +405,8 @@ def fidelity(ctx: Context) -> None:
     bits32, bits16 = (fp32 @ planes > 0), (bf16 @ planes > 0)
     equal = float((bits32 == bits16).mean())
     ctx.add(Row("bf16", "code bits equal, bf16 vs fp32 (pooled, 500 bits)", equal, "share"))
-    shared = _overlap(_hamming_topk(bits32, k), _hamming_topk(bits16, k))
+    shared = overlap(hamming_topk(bits32, k), hamming_topk(bits16, k))
     ctx.add(Row("bf16", f"top-{k} Hamming neighbours shared, bf16 vs fp32", shared, "share"))
-
-    exact = _cosine_topk(fp32, k)
-    mean = fp32.mean(axis=0)
-    for bits in LSH_BITS:
-        planes = hyperplanes(fp32.shape[1], bits, 628)
-        for centred in (False, True):
-            x = fp32 - mean if centred else fp32
-            ctx.add(
-                Row(
-                    "lsh",
-                    f"recall@{k}, pooled {bits} bits, {'centred' if centred else 'raw'}",
-                    _overlap(_hamming_topk(x @ planes > 0, k), exact),
-                    "share",
-                    note="random weights; exact = cosine on float features",
-                )
-            )
 
 
 # 8. cost ------------------------------------------------------------------------------------
@@ -469,8 +466,8 @@ def search(ctx: Context) -> None:
 
 
 def dedup(ctx: Context) -> None:
-    """Near-duplicate groups at scale, and the variant/other-photo distances behind the
-    default threshold: group ``dedup``."""
+    """Near-duplicate groups at scale (synthetic codes): group ``dedup``.  Near-duplicates
+    of real photos, with trained weights, are measured by the ``quality`` step."""
     from bench.dedup_measure import dedup as measure_dedup
 
     measure_dedup(ctx)
@@ -487,6 +484,24 @@ def runtime(ctx: Context) -> None:
     measure_runtime(ctx)
 
 
+# 12/13. quality with trained weights, and the backbones' speed ------------------------------
+def quality(ctx: Context) -> None:
+    """EfficientNet-Lite0 (ImageNet weights) on the labelled photos: label precision@10 of
+    float features and codes, near-duplicates found and photos merged at the fitted
+    threshold: groups ``quality`` and ``near-dup``."""
+    from bench.quality import quality as measure_quality
+
+    measure_quality(ctx)
+
+
+def backbones(ctx: Context) -> None:
+    """Files -> codes, EfficientNet-Lite0 against VGG16 on TF fp32, OV fp32 and OV int8,
+    and what limits Lite0 (decode threads, decoding on one core): group ``backbones``."""
+    from bench.quality import backbones as measure_backbones
+
+    measure_backbones(ctx)
+
+
 STEPS: dict[str, Callable[[Context], None]] = {
     "ceiling": compute_ceiling,
     "embedded": embedded,
@@ -498,6 +513,8 @@ STEPS: dict[str, Callable[[Context], None]] = {
     "search": search,
     "dedup": dedup,
     "runtime": runtime,
+    "quality": quality,
+    "backbones": backbones,
 }
 NEEDS: dict[str, tuple[str, ...]] = {  # figures a step divides by come from these steps
     "embedded": ("ceiling",),

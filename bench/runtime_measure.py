@@ -106,12 +106,18 @@ def encoder_settings(
 
 
 def build_encoder(
-    config: tuple[str, str], layout: str, calibration: Path, cache: Path, warm_up: np.ndarray
+    config: tuple[str, str],
+    layout: str,
+    calibration: Path,
+    cache: Path,
+    warm_up: np.ndarray,
+    **more: Any,
 ) -> tuple[Any, Any, float]:
-    """``(settings, encoder, seconds to build)``, warmed up with one batch."""
+    """``(settings, encoder, seconds to build)``, warmed up with one batch; ``more``: other
+    settings (``backbone``, ``weights``...)."""
     from encoder.model import load_encoder
 
-    chosen = encoder_settings(config, layout, calibration, cache)
+    chosen = encoder_settings(config, layout, calibration, cache, **more)
     start = time.perf_counter()
     encoder = load_encoder(chosen)
     built = time.perf_counter() - start

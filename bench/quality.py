@@ -1,0 +1,304 @@
+"""The ``quality`` and ``backbones`` steps of ``python -m bench``: what the codes are worth
+with trained weights, EfficientNet-Lite0 with its ImageNet weights (the package that
+carries them installs offline), and what that backbone costs against VGG16.
+
+``quality``, on the photos with a label (``labels.csv`` beside the shared or the sample
+photos; "Not sure", "Skip" and "Other" dropped; photos without a label stay in the
+catalogues but are never queries nor results):
+
+1. ``quality``: label precision@10, leave one out (a result of the query's label is
+   relevant), and the chance level.  The reference is the cosine ranking of the pooled
+   float features (``Encoder.features``, computed once).  The codes are hashed from the
+   same features in NumPy as the hashing layer does (``(x - centre) @ hyperplanes(channels,
+   bits, 628) > 0``): pooled at 64 to 1,024 bits and spatial at 500, raw and centred (the
+   centre: the mean pooled feature of all the photos, as ``imgenc fit-center`` computes
+   it); Hamming ties go by id, as in the index.  Each note gives recall@10 of the float
+   features' neighbours.  Pooled and spatial 500 bits raw are measured again through the
+   product: ``encode_folder`` into a destination, then ``Index.similar``.
+2. ``near-dup``: a catalogue of the photos and copies of 100 of them in every kind of
+   ``encoder.copies.COPY_KINDS``, made with other parameters than the fit's own copies
+   (``BENCH_COPIES``), encoded pooled and spatial.  The threshold is fitted on it
+   (``fit_destination``) and on the photos alone; ``find_duplicates`` runs at the fitted
+   default and at 0.8x and 1.2x of it.  The truth: per kind, the share of copies in the
+   same group as their original; the share of photos in a group with another photo (or
+   a copy of one); beside them, what the fit expected.
+
+``backbones``: files -> codes (``encode_folder``, spatial, batch 32, up to 256 photos) of
+VGG16 (random weights: speed does not depend on them) and Lite0 side by side on TF fp32,
+OV fp32 and OV int8 (quantized from 64 of the photos), every encoder built and warmed up
+before timing (``bench.runtime_measure``); for Lite0 also the bare encode of a decoded
+batch of 32, files -> codes with 1 and 4 decode threads (2 is the default), and decoding
++ resizing on one core.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+from bench.images import SAMPLE_PHOTOS, SHARED_PHOTOS
+from bench.measure import (
+    LSH_BITS,
+    Context,
+    Row,
+    cosine_topk,
+    decode_rate,
+    decoded_batch,
+    features,
+    hamming_topk,
+    overlap,
+    seconds_per_call,
+    settings,
+)
+from encoder.copies import COPY_KINDS, _crop, open_picture
+from encoder.planes import hyperplanes
+
+LITE = {"backbone": "efficientnet_lite0", "weights": "imagenet"}
+K = 10
+DROPPED_LABELS = ("Not sure", "Skip", "Other")
+COPIED = 100  # photos copied in every kind
+# (edit, JPEG quality): the fit's kinds with other parameters than its own (quality 30,
+# half size, 90% crop, 5 degrees with the border colour, 25% brighter, quality 95).
+BENCH_COPIES: dict[str, tuple[Callable[[Image.Image], Image.Image], int]] = {
+    "jpeg": (lambda p: p, 35),
+    "half": (lambda p: p.resize((max(1, p.width * 45 // 100), max(1, p.height * 45 // 100))), 90),
+    "crop": (lambda p: _crop(p, 0.88), 90),
+    "rotate": (lambda p: p.rotate(4, Image.Resampling.BICUBIC, fillcolor=(255, 255, 255)), 90),
+    "bright": (lambda p: ImageEnhance.Brightness(p).enhance(1.2), 90),
+    "grey": (lambda p: ImageOps.grayscale(p).convert("RGB"), 90),
+    "mirror": (ImageOps.mirror, 90),
+}
+assert set(BENCH_COPIES) == set(COPY_KINDS), "a copy kind without a bench copy"
+
+
+def labels(files: list[str]) -> dict[str, str]:
+    """Bench file name (``NNNNN-<image>.jpg``) -> label, for the photos with a usable one."""
+    known: dict[str, str] = {}
+    for source in (SAMPLE_PHOTOS, SHARED_PHOTOS):
+        if (source.parent / "labels.csv").is_file():
+            with (source.parent / "labels.csv").open(newline="") as f:
+                known.update((row["image"], row["label"]) for row in csv.DictReader(f))
+    found = {name: known.get(Path(name.split("-", 1)[-1]).stem, "") for name in files}
+    return {name: label for name, label in found.items() if label and label not in DROPPED_LABELS}
+
+
+def hash_bits(x: np.ndarray, bits: int, centre: np.ndarray | None = None) -> np.ndarray:
+    """``HyperplaneHashing`` in NumPy: ``(n, ..., channels)`` features to ``(n, code bits)``."""
+    x = x if centre is None else x - centre
+    return (x @ hyperplanes(x.shape[-1], bits, 628) > 0).reshape(len(x), -1)
+
+
+def precision(top: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(y[top] == y[:, None]))
+
+
+# --- 1. label precision ---------------------------------------------------------------------
+def label_precision(ctx: Context, encoder: Any, names: list[str], y: np.ndarray) -> dict:
+    """The precision rows of the NumPy hashing; returns, per layout, the 500-bit raw
+    ``(bits, top-k, precision)`` for the product path to compare with."""
+    spatial = features(ctx, encoder)  # (photos, positions, channels)
+    pooled = spatial.mean(axis=1)  # GlobalAveragePooling2D
+    centre = pooled.mean(axis=0)
+    keep = [ctx.files.index(name) for name in names]
+    k = min(K, len(names) - 1)
+    counts = np.bincount(y)
+    chance = float(np.mean((counts[y] - 1) / (len(y) - 1)))
+    what = f"{len(y)} labelled photos, {len(counts)} labels"
+    ctx.add(Row("quality", f"label precision@{k}, chance level ({what})", chance, "share"))
+    exact = cosine_topk(pooled[keep], k)
+    reference = precision(exact, y)
+    ctx.add(Row("quality", f"label precision@{k}, pooled float features (cosine)", reference,
+                "share", reference / chance, "chance level", "the reference; leave one out"))
+    kept = {}
+    for layout, x, sizes in (("pooled", pooled[keep], LSH_BITS), ("spatial", spatial[keep], (500,))):
+        for bits in sizes:
+            for centred in (False, True):
+                codes = hash_bits(x, bits, centre if centred else None)
+                top = hamming_topk(codes, k)
+                value = precision(top, y)
+                name = f"{layout} {bits} bits, {'centred' if centred else 'raw'}"
+                ctx.add(Row("quality", f"label precision@{k}, {name}", value, "share",
+                            value / reference, "pooled float features",
+                            f"recall@{k} of the float features' neighbours {overlap(top, exact):.3f}"))
+                if bits == 500 and not centred:
+                    kept[layout] = (codes, top, value)
+    return kept
+
+
+def through_product(ctx: Context, index: Any, names: list[str], y: np.ndarray, layout: str,
+                    numpy_case: tuple[np.ndarray, np.ndarray, float]) -> None:
+    """Precision of the same case through the destination's index (``Index.similar``)."""
+    codes, numpy_top, numpy_value = numpy_case
+    k = numpy_top.shape[1]
+    position = {name: i for i, name in enumerate(names)}
+    unlabelled = len(index) - len(names)
+    top = np.array([[position[i] for i in index.similar(name, k + unlabelled).ids
+                     if i in position][:k] for name in names])
+    stored = np.stack([index.code(name) for name in names])
+    equal = float(np.mean(np.unpackbits(stored, axis=1, count=codes.shape[1]) == codes))
+    value = precision(top, y)
+    ctx.add(Row("quality", f"label precision@{k}, {layout} 500 bits raw, through imgenc encode "
+                "+ Index.similar", value, "share", value / numpy_value, "the NumPy hashing",
+                f"code bits equal to the NumPy hashing's {equal:.4f}; queries with the same "
+                f"top-{k} {np.mean((top == numpy_top).all(axis=1)):.3f}"))
+
+
+# --- 2. near-duplicates ---------------------------------------------------------------------
+def make_catalogue(ctx: Context) -> tuple[Path, dict[str, tuple[str, str]]]:
+    """The photos and the copies of ``COPIED`` of them; returns the folder and
+    ``{copy: (its photo, kind)}``."""
+    folder = ctx.work / "quality-catalogue"
+    shutil.copytree(ctx.images, folder)
+    made = {}
+    for name in ctx.files[:: max(1, len(ctx.files) // COPIED)][:COPIED]:
+        picture = open_picture((ctx.images / name).read_bytes())
+        for kind, (edit, quality) in BENCH_COPIES.items():
+            copy = f"{Path(name).stem}__{kind}.jpg"
+            edit(picture).save(folder / copy, "JPEG", quality=quality)
+            made[copy] = (name, kind)
+    return folder, made
+
+
+def truth(index: Any, made: dict[str, tuple[str, str]], photos: int, max_distance: int):
+    """``find_duplicates`` at ``max_distance`` (None: the fitted default): per kind, the
+    share of copies grouped with their photo; the share of photos merged with another."""
+    from search.duplicates import find_duplicates
+
+    groups = find_duplicates(index, max_distance).groups
+    group_of = {image: g for g, group in enumerate(groups) for image, _ in group}
+    found = {kind: [] for kind in BENCH_COPIES}
+    for copy, (photo, kind) in made.items():
+        found[kind].append(copy in group_of and group_of[copy] == group_of.get(photo))
+    merged: set[str] = set()
+    for group in groups:
+        sources = {made.get(image, (image,))[0] for image, _ in group}
+        merged |= sources if len(sources) > 1 else set()
+    return {kind: float(np.mean(v)) for kind, v in found.items()}, len(merged) / photos
+
+
+def near_duplicates(ctx: Context, layout: str, chosen: Any, encoder: Any, clean_index: Any,
+                    catalogue: Path, made: dict[str, tuple[str, str]]) -> None:
+    from encoder.folder_run import encode_folder
+    from search.duplicate_fit import TooFewImages, fit_destination
+    from search.index import Index
+
+    kinds, target = chosen.dedup_kinds.split(","), chosen.dedup_false_pairs
+    dest = ctx.work / f"quality-catalogue-{layout}"
+    encode_folder(catalogue, str(dest), chosen, progress=False, encoder=encoder)
+    index = Index.open(str(dest), save=False)
+    fit = fit_destination(index, encoder, kinds, target, progress=False)
+    bits, photos = fit.bits, len(ctx.files)
+    try:
+        clean = fit_destination(clean_index, encoder, kinds, target, progress=False)
+    except TooFewImages as exc:
+        clean = None
+        print(f"  (no fit on the {len(clean_index)} photos alone: {exc})")
+    expected = ", ".join(f"{k} {v:.2f}" for k, v in fit.found.items())
+    note = (f"{fit.max_distance / bits:.2%} of {bits:,} bits, limited by {fit.limited_by}; "
+            f"{fit.copies_in_catalogue} copies in the catalogue passed over")
+    ctx.add(Row("near-dup", f"fitted max distance, {layout}, photos + copies ({len(index)} images)",
+                fit.max_distance, "bits", fit.max_distance / clean.max_distance if clean and clean.max_distance else None,
+                "the fit on the photos alone" if clean else "", note))
+    if clean:
+        ctx.add(Row("near-dup", f"fitted max distance, {layout}, photos alone ({len(clean_index)})",
+                    clean.max_distance, "bits", note=f"{clean.max_distance / bits:.2%} of the bits; "
+                    f"limited by {clean.limited_by}; expected to pair {clean.false_pairs:.3f}"))
+    ctx.add(Row("near-dup", f"fit's expected share of copies found, {layout} (its own copies)",
+                fit.found_all, "share", note=expected))
+    ctx.add(Row("near-dup", f"fit's expected share of images paired, {layout}", fit.false_pairs,
+                "share", note=f"target {target}; {fit.pairs_sampled} images sampled"))
+    found, merged = truth(index, made, photos, None)
+    for kind, share in found.items():
+        ctx.add(Row("near-dup", f"{kind} copies grouped with their photo, {layout}, fitted "
+                    f"({fit.max_distance} bits)", share, "share", note=f"{COPY_KINDS[kind].description} "
+                    f"in the fit; here {sum(k == kind for _, k in made.values())} other copies; "
+                    f"fit expected {fit.found.get(kind, 0):.2f}"))
+    others = sorted({round(fit.max_distance * 0.8), round(fit.max_distance * 1.2)} - {fit.max_distance})
+    for distance in [fit.max_distance, *others]:
+        if distance != fit.max_distance:
+            found, merged = truth(index, made, photos, min(distance, bits // 2))
+        at = f"{distance} bits ({distance / fit.max_distance:.1f}x fitted)" if fit.max_distance else f"{distance} bits"
+        ctx.add(Row("near-dup", f"copies grouped with their photo, {layout}, {at}",
+                    float(np.mean(list(found.values()))), "share",
+                    note=", ".join(f"{k} {v:.2f}" for k, v in found.items())))
+        ctx.add(Row("near-dup", f"photos merged with another photo, {layout}, {at}", merged,
+                    "share", note=f"of {photos} photos; the fit expected {fit.false_pairs:.3f} "
+                    "paired at its threshold"))
+    shutil.rmtree(dest, ignore_errors=True)
+
+
+def quality(ctx: Context) -> None:
+    """The groups ``quality`` and ``near-dup`` (see the module docstring)."""
+    from encoder.folder_run import encode_folder
+    from encoder.model import Encoder
+    from search.index import Index
+
+    labelled = labels(ctx.files)
+    names = [name for name in ctx.files if name in labelled]
+    y = np.unique([labelled[name] for name in names], return_inverse=True)[1]
+    encoders = {layout: Encoder(settings(**LITE, layout=layout)) for layout in ("spatial", "pooled")}
+    numpy_cases = label_precision(ctx, encoders["spatial"], names, y) if len(names) > 2 else {}
+    catalogue, made = make_catalogue(ctx)
+    for layout in ("pooled", "spatial"):
+        chosen = settings(**LITE, layout=layout)
+        dest = ctx.work / f"quality-photos-{layout}"
+        encode_folder(ctx.images, str(dest), chosen, progress=False, encoder=encoders[layout])
+        index = Index.open(str(dest), save=False)
+        if layout in numpy_cases:
+            through_product(ctx, index, names, y, layout, numpy_cases[layout])
+        near_duplicates(ctx, layout, chosen, encoders[layout], index, catalogue, made)
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+# --- 3. speed: Lite0 against VGG16 ------------------------------------------------------------
+def backbones(ctx: Context) -> None:
+    """The group ``backbones`` (see the module docstring)."""
+    from bench.runtime_measure import (BATCH, CALIBRATION_IMAGES, SPEED_PHOTOS, build_encoder,
+                                       compiled_note, copy_photos, cpu_features, label)
+    from encoder.calibrate import calibration_sample, save_calibration
+    from encoder.folder_run import encode_folder
+
+    files = ctx.files[:SPEED_PHOTOS]
+    photos = copy_photos(ctx, files, ctx.work / "backbones-photos")
+    calibration, cache = ctx.work / "backbones-calib.npz", ctx.work / "backbones-model-cache"
+    sample = 8 if ctx.quick else CALIBRATION_IMAGES
+    save_calibration(calibration, *calibration_sample(ctx.images, settings(), sample, False))
+    batch = decoded_batch(ctx, min(BATCH, len(ctx.files)))
+
+    def files_to_codes(chosen: Any, encoder: Any) -> float:
+        dest = ctx.work / "backbones-dest"
+        summary = encode_folder(photos, str(dest), chosen, progress=False, encoder=encoder)
+        shutil.rmtree(dest, ignore_errors=True)
+        return summary.processed / summary.seconds
+
+    for config in (("tensorflow", "fp32"), ("openvino", "fp32"), ("openvino", "int8")):
+        rates = {}
+        for name, model in (("VGG16", {"backbone": "vgg16"}), ("Lite0", LITE)):
+            chosen, encoder, built = build_encoder(config, "spatial", calibration, cache, batch,
+                                                   **model)
+            rates[name] = files_to_codes(chosen, encoder)
+            notes = [f"built in {built:.1f} s, not timed", compiled_note(encoder)]
+            if config[1] == "int8":
+                notes += [f"quantized on {sample} of these photos", cpu_features()]
+            row = Row("backbones", f"{label(config)} files -> codes, {name} ({len(files)} img)",
+                      rates[name], "img/s", note="; ".join(n for n in notes if n))
+            if name == "Lite0":
+                row.ratio, row.reference = rates[name] / rates["VGG16"], f"VGG16, {label(config)}"
+            ctx.add(row)
+        bare = len(batch) / seconds_per_call(lambda e=encoder: e.encode(batch), 2 if ctx.quick else 5)
+        ctx.add(Row("backbones", f"{label(config)} bare encode, Lite0, decoded batch of {len(batch)}",
+                    bare, "img/s", rates["Lite0"] / bare, "files -> codes / this (2 decode threads)"))
+        for threads in (1, 4):
+            rate = files_to_codes(chosen.replace(decode_threads=threads), encoder)
+            ctx.add(Row("backbones", f"{label(config)} files -> codes, Lite0, {threads} decode "
+                        f"thread{'s' if threads > 1 else ''}", rate, "img/s", rate / rates["Lite0"],
+                        "2 decode threads (the default)"))
+        del encoder
+    ctx.add(Row("backbones", "decode + resize to 224, one core, these photos",
+                decode_rate(ctx, len(files)), "img/s"))
