@@ -23,7 +23,8 @@ catalogues but are never queries nor results):
    same group as their original; the share of photos in a group with another photo (or
    a copy of one); beside them, what the fit expected.
 
-``backbones``: files -> codes (``encode_folder``, spatial, batch 32, up to 256 photos) of
+``backbones``: files -> codes (``encode_folder``, spatial, batch 32, up to 256 photos, the best of
+two runs) of
 VGG16 (random weights: speed does not depend on them) and Lite0 side by side on TF fp32,
 OV fp32 and OV int8 (quantized from 64 of the photos), every encoder built and warmed up
 before timing (``bench.runtime_measure``); for Lite0 also the bare encode of a decoded
@@ -58,6 +59,7 @@ from bench.measure import (
 )
 from encoder.copies import COPY_KINDS, _crop, open_picture
 from encoder.planes import hyperplanes
+from encoder.settings import LAYOUTS
 
 LITE = {"backbone": "efficientnet_lite0", "weights": "imagenet"}
 K = 10
@@ -109,44 +111,51 @@ def label_precision(ctx: Context, encoder: Any, names: list[str], y: np.ndarray)
     k = min(K, len(names) - 1)
     counts = np.bincount(y)
     chance = float(np.mean((counts[y] - 1) / (len(y) - 1)))
-    what = f"{len(y)} labelled photos, {len(counts)} labels"
-    ctx.add(Row("quality", f"label precision@{k}, chance level ({what})", chance, "share"))
+    what = f"chance level ({len(y)} labelled photos, {len(counts)} labels)"
+    ctx.add(Row("quality", f"label precision@{k}, {what}", chance, "share"))
     exact = cosine_topk(pooled[keep], k)
-    reference = precision(exact, y)
-    ctx.add(Row("quality", f"label precision@{k}, pooled float features (cosine)", reference,
-                "share", reference / chance, "chance level", "the reference; leave one out"))
+    ref = precision(exact, y)
+    name = f"label precision@{k}, pooled float features (cosine)"
+    ctx.add(Row("quality", name, ref, "share", ref / chance, "chance level", "leave one out"))
     kept = {}
-    for layout, x, sizes in (("pooled", pooled[keep], LSH_BITS), ("spatial", spatial[keep], (500,))):
-        for bits in sizes:
-            for centred in (False, True):
-                codes = hash_bits(x, bits, centre if centred else None)
-                top = hamming_topk(codes, k)
-                value = precision(top, y)
-                name = f"{layout} {bits} bits, {'centred' if centred else 'raw'}"
-                ctx.add(Row("quality", f"label precision@{k}, {name}", value, "share",
-                            value / reference, "pooled float features",
-                            f"recall@{k} of the float features' neighbours {overlap(top, exact):.3f}"))
-                if bits == 500 and not centred:
-                    kept[layout] = (codes, top, value)
+    for layout, x, sizes in (("pooled", pooled[keep], LSH_BITS), ("spatial", spatial[keep], [500])):
+        for bits, centred in ((bits, centred) for bits in sizes for centred in (False, True)):
+            codes = hash_bits(x, bits, centre if centred else None)
+            top = hamming_topk(codes, k)
+            value = precision(top, y)
+            name = f"label precision@{k}, {layout} {bits} bits, {'centred' if centred else 'raw'}"
+            note = f"recall@{k} of the float features' neighbours {overlap(top, exact):.3f}"
+            ctx.add(Row("quality", name, value, "share", value / ref, "float features", note))
+            if bits == 500 and not centred:
+                kept[layout] = (codes, top, value)
     return kept
 
 
-def through_product(ctx: Context, index: Any, names: list[str], y: np.ndarray, layout: str,
-                    numpy_case: tuple[np.ndarray, np.ndarray, float]) -> None:
+def through_product(
+    ctx: Context,
+    index: Any,
+    names: list[str],
+    y: np.ndarray,
+    layout: str,
+    numpy_case: tuple[np.ndarray, np.ndarray, float],
+) -> None:
     """Precision of the same case through the destination's index (``Index.similar``)."""
     codes, numpy_top, numpy_value = numpy_case
-    k = numpy_top.shape[1]
-    position = {name: i for i, name in enumerate(names)}
-    unlabelled = len(index) - len(names)
-    top = np.array([[position[i] for i in index.similar(name, k + unlabelled).ids
-                     if i in position][:k] for name in names])
-    stored = np.stack([index.code(name) for name in names])
-    equal = float(np.mean(np.unpackbits(stored, axis=1, count=codes.shape[1]) == codes))
+    k, position, unlabelled = (
+        numpy_top.shape[1],
+        {n: i for i, n in enumerate(names)},
+        len(index) - len(names),
+    )
+    similar = [index.similar(name, k + unlabelled).ids for name in names]
+    top = np.array([[position[i] for i in ids if i in position][:k] for ids in similar])
+    stored = np.unpackbits(np.stack([index.code(n) for n in names]), axis=1, count=codes.shape[1])
     value = precision(top, y)
-    ctx.add(Row("quality", f"label precision@{k}, {layout} 500 bits raw, through imgenc encode "
-                "+ Index.similar", value, "share", value / numpy_value, "the NumPy hashing",
-                f"code bits equal to the NumPy hashing's {equal:.4f}; queries with the same "
-                f"top-{k} {np.mean((top == numpy_top).all(axis=1)):.3f}"))
+    name = f"label precision@{k}, {layout} 500 bits raw, through imgenc encode + Index.similar"
+    note = (
+        f"code bits equal to the NumPy hashing's {np.mean(stored == codes):.4f}; queries "
+        f"with the same top-{k} {np.mean((top == numpy_top).all(axis=1)):.3f}"
+    )
+    ctx.add(Row("quality", name, value, "share", value / numpy_value, "the NumPy hashing", note))
 
 
 # --- 2. near-duplicates ---------------------------------------------------------------------
@@ -165,14 +174,15 @@ def make_catalogue(ctx: Context) -> tuple[Path, dict[str, tuple[str, str]]]:
     return folder, made
 
 
-def truth(index: Any, made: dict[str, tuple[str, str]], photos: int, max_distance: int):
+def truth(index: Any, made: dict[str, tuple[str, str]], photos: int, max_distance: int | None):
     """``find_duplicates`` at ``max_distance`` (None: the fitted default): per kind, the
-    share of copies grouped with their photo; the share of photos merged with another."""
+    share of copies grouped with their photo; the share of photos grouped with another
+    photo or another photo's copy."""
     from search.duplicates import find_duplicates
 
     groups = find_duplicates(index, max_distance).groups
     group_of = {image: g for g, group in enumerate(groups) for image, _ in group}
-    found = {kind: [] for kind in BENCH_COPIES}
+    found: dict[str, list[bool]] = {kind: [] for kind in BENCH_COPIES}
     for copy, (photo, kind) in made.items():
         found[kind].append(copy in group_of and group_of[copy] == group_of.get(photo))
     merged: set[str] = set()
@@ -182,54 +192,70 @@ def truth(index: Any, made: dict[str, tuple[str, str]], photos: int, max_distanc
     return {kind: float(np.mean(v)) for kind, v in found.items()}, len(merged) / photos
 
 
-def near_duplicates(ctx: Context, layout: str, chosen: Any, encoder: Any, clean_index: Any,
-                    catalogue: Path, made: dict[str, tuple[str, str]]) -> None:
-    from encoder.folder_run import encode_folder
-    from search.duplicate_fit import TooFewImages, fit_destination
-    from search.index import Index
+def fitted(ctx: Context, index: Any, encoder: Any, chosen: Any) -> Any:
+    """``fit_destination``; under ``--quick``, the same fit from 16 copied images, not 100."""
+    from search import duplicate_fit as fitting
+    from search.catalogue import CatalogueImages
 
     kinds, target = chosen.dedup_kinds.split(","), chosen.dedup_false_pairs
+    if not ctx.quick:
+        return fitting.fit_destination(index, encoder, kinds, target, progress=False)
+    images = CatalogueImages(index, None, encoder.input_size)
+    fit = fitting.fit_threshold(index, images, encoder.encode, kinds, target, copies_sample=16)
+    fitting.save_threshold(index.storage, fit)
+    return fit
+
+
+def near_duplicates(
+    ctx: Context,
+    layout: str,
+    chosen: Any,
+    encoder: Any,
+    clean_index: Any,
+    catalogue: Path,
+    made: dict[str, tuple[str, str]],
+) -> None:
+    from encoder.folder_run import encode_folder
+    from search.duplicate_fit import TooFewImages
+    from search.index import Index
+
     dest = ctx.work / f"quality-catalogue-{layout}"
     encode_folder(catalogue, str(dest), chosen, progress=False, encoder=encoder)
     index = Index.open(str(dest), save=False)
-    fit = fit_destination(index, encoder, kinds, target, progress=False)
-    bits, photos = fit.bits, len(ctx.files)
+    fit = fitted(ctx, index, encoder, chosen)
+    bits, photos, at_fit = fit.bits, len(ctx.files), f"fitted ({fit.max_distance} bits)"
     try:
-        clean = fit_destination(clean_index, encoder, kinds, target, progress=False)
+        clean = fitted(ctx, clean_index, encoder, chosen)
+        name = f"fitted max distance, {layout}, the photos alone ({len(clean_index)})"
+        note = f"{clean.max_distance / bits:.2%} of the bits; limited by {clean.limited_by}"
+        ctx.add(Row("near-dup", name, clean.max_distance, "bits", note=note))
     except TooFewImages as exc:
         clean = None
         print(f"  (no fit on the {len(clean_index)} photos alone: {exc})")
-    expected = ", ".join(f"{k} {v:.2f}" for k, v in fit.found.items())
-    note = (f"{fit.max_distance / bits:.2%} of {bits:,} bits, limited by {fit.limited_by}; "
-            f"{fit.copies_in_catalogue} copies in the catalogue passed over")
-    ctx.add(Row("near-dup", f"fitted max distance, {layout}, photos + copies ({len(index)} images)",
-                fit.max_distance, "bits", fit.max_distance / clean.max_distance if clean and clean.max_distance else None,
-                "the fit on the photos alone" if clean else "", note))
-    if clean:
-        ctx.add(Row("near-dup", f"fitted max distance, {layout}, photos alone ({len(clean_index)})",
-                    clean.max_distance, "bits", note=f"{clean.max_distance / bits:.2%} of the bits; "
-                    f"limited by {clean.limited_by}; expected to pair {clean.false_pairs:.3f}"))
-    ctx.add(Row("near-dup", f"fit's expected share of copies found, {layout} (its own copies)",
-                fit.found_all, "share", note=expected))
-    ctx.add(Row("near-dup", f"fit's expected share of images paired, {layout}", fit.false_pairs,
-                "share", note=f"target {target}; {fit.pairs_sampled} images sampled"))
+    name = f"fitted max distance, {layout}, photos + copies ({len(index)} images)"
+    ratio = fit.max_distance / clean.max_distance if clean and clean.max_distance else None
+    note = (
+        f"{fit.max_distance / bits:.2%} of {bits:,} bits, limited by {fit.limited_by}; "
+        f"{fit.copies_in_catalogue} copies passed over; the fit expects to find "
+        f"{fit.found_all:.3f} of copies and pair {fit.false_pairs:.3f} of images"
+    )
+    ctx.add(Row("near-dup", name, fit.max_distance, "bits", ratio, "the photos alone", note))
     found, merged = truth(index, made, photos, None)
     for kind, share in found.items():
-        ctx.add(Row("near-dup", f"{kind} copies grouped with their photo, {layout}, fitted "
-                    f"({fit.max_distance} bits)", share, "share", note=f"{COPY_KINDS[kind].description} "
-                    f"in the fit; here {sum(k == kind for _, k in made.values())} other copies; "
-                    f"fit expected {fit.found.get(kind, 0):.2f}"))
-    others = sorted({round(fit.max_distance * 0.8), round(fit.max_distance * 1.2)} - {fit.max_distance})
-    for distance in [fit.max_distance, *others]:
+        name = f"{kind} copies grouped with their photo, {layout}, {at_fit}"
+        note = f"fit expected {fit.found.get(kind, 0):.2f} ({COPY_KINDS[kind].description})"
+        ctx.add(Row("near-dup", name, share, "share", note=note))
+    others = {round(fit.max_distance * 0.8), round(fit.max_distance * 1.2)} - {fit.max_distance}
+    for distance in [fit.max_distance, *sorted(others)]:
         if distance != fit.max_distance:
             found, merged = truth(index, made, photos, min(distance, bits // 2))
-        at = f"{distance} bits ({distance / fit.max_distance:.1f}x fitted)" if fit.max_distance else f"{distance} bits"
-        ctx.add(Row("near-dup", f"copies grouped with their photo, {layout}, {at}",
-                    float(np.mean(list(found.values()))), "share",
-                    note=", ".join(f"{k} {v:.2f}" for k, v in found.items())))
-        ctx.add(Row("near-dup", f"photos merged with another photo, {layout}, {at}", merged,
-                    "share", note=f"of {photos} photos; the fit expected {fit.false_pairs:.3f} "
-                    "paired at its threshold"))
+        at = at_fit if distance == fit.max_distance else f"{distance} bits"
+        note = ", ".join(f"{k} {v:.2f}" for k, v in found.items())
+        name = f"copies grouped with their photo, {layout}, {at}"
+        ctx.add(Row("near-dup", name, float(np.mean(list(found.values()))), "share", note=note))
+        name = f"photos merged with another photo, {layout}, {at}"
+        note = f"of {photos}; the fit expected {fit.false_pairs:.3f} paired at its threshold"
+        ctx.add(Row("near-dup", name, merged, "share", note=note))
     shutil.rmtree(dest, ignore_errors=True)
 
 
@@ -242,7 +268,7 @@ def quality(ctx: Context) -> None:
     labelled = labels(ctx.files)
     names = [name for name in ctx.files if name in labelled]
     y = np.unique([labelled[name] for name in names], return_inverse=True)[1]
-    encoders = {layout: Encoder(settings(**LITE, layout=layout)) for layout in ("spatial", "pooled")}
+    encoders = {layout: Encoder(settings(**LITE, layout=layout)) for layout in LAYOUTS}
     numpy_cases = label_precision(ctx, encoders["spatial"], names, y) if len(names) > 2 else {}
     catalogue, made = make_catalogue(ctx)
     for layout in ("pooled", "spatial"):
@@ -259,46 +285,50 @@ def quality(ctx: Context) -> None:
 # --- 3. speed: Lite0 against VGG16 ------------------------------------------------------------
 def backbones(ctx: Context) -> None:
     """The group ``backbones`` (see the module docstring)."""
-    from bench.runtime_measure import (BATCH, CALIBRATION_IMAGES, SPEED_PHOTOS, build_encoder,
-                                       compiled_note, copy_photos, cpu_features, label)
+    from bench import runtime_measure as rt
     from encoder.calibrate import calibration_sample, save_calibration
     from encoder.folder_run import encode_folder
 
-    files = ctx.files[:SPEED_PHOTOS]
-    photos = copy_photos(ctx, files, ctx.work / "backbones-photos")
+    files = ctx.files[: rt.SPEED_PHOTOS]
+    photos = rt.copy_photos(ctx, files, ctx.work / "backbones-photos")
     calibration, cache = ctx.work / "backbones-calib.npz", ctx.work / "backbones-model-cache"
-    sample = 8 if ctx.quick else CALIBRATION_IMAGES
+    sample = 8 if ctx.quick else rt.CALIBRATION_IMAGES
     save_calibration(calibration, *calibration_sample(ctx.images, settings(), sample, False))
-    batch = decoded_batch(ctx, min(BATCH, len(ctx.files)))
+    batch = decoded_batch(ctx, min(rt.BATCH, len(ctx.files)))
 
     def files_to_codes(chosen: Any, encoder: Any) -> float:
-        dest = ctx.work / "backbones-dest"
-        summary = encode_folder(photos, str(dest), chosen, progress=False, encoder=encoder)
-        shutil.rmtree(dest, ignore_errors=True)
-        return summary.processed / summary.seconds
+        """The best of two runs (one under ``--quick``): the first after a build ran slower."""
+        rates = []
+        for _ in range(1 if ctx.quick else 2):
+            dest = ctx.work / "backbones-dest"
+            summary = encode_folder(photos, str(dest), chosen, progress=False, encoder=encoder)
+            shutil.rmtree(dest, ignore_errors=True)
+            rates.append(summary.processed / summary.seconds)
+        return max(rates)
 
     for config in (("tensorflow", "fp32"), ("openvino", "fp32"), ("openvino", "int8")):
-        rates = {}
-        for name, model in (("VGG16", {"backbone": "vgg16"}), ("Lite0", LITE)):
-            chosen, encoder, built = build_encoder(config, "spatial", calibration, cache, batch,
-                                                   **model)
-            rates[name] = files_to_codes(chosen, encoder)
-            notes = [f"built in {built:.1f} s, not timed", compiled_note(encoder)]
+        rates, runtime = {}, rt.label(config)
+        for model, more in (("VGG16", {"backbone": "vgg16"}), ("Lite0", LITE)):
+            chosen, encoder, built = rt.build_encoder(
+                config, "spatial", calibration, cache, batch, **more
+            )
+            rates[model] = files_to_codes(chosen, encoder)
+            notes = [f"built in {built:.1f} s, not timed", rt.compiled_note(encoder)]
             if config[1] == "int8":
-                notes += [f"quantized on {sample} of these photos", cpu_features()]
-            row = Row("backbones", f"{label(config)} files -> codes, {name} ({len(files)} img)",
-                      rates[name], "img/s", note="; ".join(n for n in notes if n))
-            if name == "Lite0":
-                row.ratio, row.reference = rates[name] / rates["VGG16"], f"VGG16, {label(config)}"
-            ctx.add(row)
-        bare = len(batch) / seconds_per_call(lambda e=encoder: e.encode(batch), 2 if ctx.quick else 5)
-        ctx.add(Row("backbones", f"{label(config)} bare encode, Lite0, decoded batch of {len(batch)}",
-                    bare, "img/s", rates["Lite0"] / bare, "files -> codes / this (2 decode threads)"))
+                notes += [f"quantized on {sample} of these photos", rt.cpu_features()]
+            ratio = rates[model] / rates["VGG16"] if model == "Lite0" else None
+            name = f"{runtime} files -> codes, {model} ({len(files)} img)"
+            note = "; ".join(n for n in notes if n)
+            ctx.add(Row("backbones", name, rates[model], "img/s", ratio, f"VGG16, {runtime}", note))
+        calls = 2 if ctx.quick else 5
+        bare = len(batch) / seconds_per_call(lambda e=encoder: e.encode(batch), calls)
+        name = f"{runtime} bare encode, Lite0, decoded batch of {len(batch)}"
+        note = f"files -> codes reach {rates['Lite0'] / bare:.2f} of it"
+        ctx.add(Row("backbones", name, bare, "img/s", note=note))
         for threads in (1, 4):
             rate = files_to_codes(chosen.replace(decode_threads=threads), encoder)
-            ctx.add(Row("backbones", f"{label(config)} files -> codes, Lite0, {threads} decode "
-                        f"thread{'s' if threads > 1 else ''}", rate, "img/s", rate / rates["Lite0"],
-                        "2 decode threads (the default)"))
+            name = f"{runtime} files -> codes, Lite0, {threads} decode thread(s)"
+            ctx.add(Row("backbones", name, rate, "img/s", rate / rates["Lite0"], "2 (the default)"))
         del encoder
-    ctx.add(Row("backbones", "decode + resize to 224, one core, these photos",
-                decode_rate(ctx, len(files)), "img/s"))
+    rate = decode_rate(ctx, len(files))
+    ctx.add(Row("backbones", "decode + resize to 224, one core, these photos", rate, "img/s"))

@@ -640,3 +640,32 @@ class FaultyProxy:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# --- trained weights --------------------------------------------------------------------
+TEST_PHOTOS = REPO / "tests" / "data" / "photos"  # 99 CC0 photos beside the 16 samples
+LITE0 = {"backbone": "efficientnet_lite0", "weights": "imagenet", "layout": "pooled"}
+
+
+def catalogue_of_photos(folder: Path) -> Path:
+    """The 16 sample photos and the 99 test photos in ``folder``: 115 distinct photos."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in [*(REPO / "examples" / "images").glob("*.jpg"), *TEST_PHOTOS.glob("*.jpg")]:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def encode_and_fit(folder: Path, dest: Path, **overrides) -> None:
+    """``imgenc encode`` in this process: encode ``folder`` with the trained backbone (or
+    ``overrides``), then fit the near-duplicate threshold, as the command does."""
+    from encoder.folder_run import encode_folder
+    from encoder.model import load_encoder
+    from search import Index
+    from search.duplicate_fit import fit_destination
+
+    settings = make_settings(**{**LITE0, **overrides})
+    encoder = load_encoder(settings)
+    encode_folder(folder, str(dest), settings, progress=False, encoder=encoder)
+    fit_destination(
+        Index.open(str(dest)), encoder, settings.dedup_kinds.split(","), progress=False
+    )

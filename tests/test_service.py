@@ -189,7 +189,7 @@ def test_concurrent_clients_get_their_own_correct_answers(served):
     assert health["queries"] >= 32 and health["batches"] <= health["queries"]
 
 
-def test_duplicates_endpoint_groups_a_copied_photo_with_its_original(tmp_path):
+def test_duplicates_endpoint_needs_a_fitted_threshold_or_a_max_distance(tmp_path):
     folder = tmp_path / "catalogue"
     shutil.copytree(EXAMPLES, folder)
     original = sorted(folder.iterdir())[2]
@@ -200,10 +200,13 @@ def test_duplicates_endpoint_groups_a_copied_photo_with_its_original(tmp_path):
     encode_folder(folder, str(dest), make_settings(**MODEL), progress=False)
     server = SearchServer(str(dest), tmp_path / "serve.log", server_env()).start()
     try:
-        groups = httpx.get(server.url + "/duplicates").json()["groups"]
+        unfitted = httpx.get(server.url + "/duplicates")  # 17 images: too few to fit on
+        groups = httpx.get(server.url + "/duplicates?max_distance=7").json()
     finally:
         server.stop()
-    assert any({original.name, "copy.jpg"} <= {m["id"] for m in g} for g in groups)
+    assert unfitted.status_code == 409 and "imgenc fit-dedup" in unfitted.json()["detail"]
+    assert groups["max_distance"] == 7 and groups["fitted"] is None
+    assert any({original.name, "copy.jpg"} <= {m["id"] for m in g} for g in groups["groups"])
 
 
 def test_basic_auth_guards_everything_but_healthz(tmp_path):
