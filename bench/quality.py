@@ -1,35 +1,27 @@
 """The ``quality`` and ``backbones`` steps of ``python -m bench``: what the codes are worth
-with trained weights, EfficientNet-Lite0 with its ImageNet weights (the package that
-carries them installs offline), and what that backbone costs against VGG16.
+with trained weights (EfficientNet-Lite0, ImageNet: its weights install offline), and what
+that backbone costs against VGG16.
 
-``quality``, on the photos with a label (``labels.csv`` beside the shared or the sample
-photos; "Not sure", "Skip" and "Other" dropped; photos without a label stay in the
-catalogues but are never queries nor results):
-
-1. ``quality``: label precision@10, leave one out (a result of the query's label is
-   relevant), and the chance level.  The reference is the cosine ranking of the pooled
-   float features (``Encoder.features``, computed once).  The codes are hashed from the
-   same features in NumPy as the hashing layer does (``(x - centre) @ hyperplanes(channels,
-   bits, 628) > 0``): pooled at 64 to 1,024 bits and spatial at 500, raw and centred (the
-   centre: the mean pooled feature of all the photos, as ``imgenc fit-center`` computes
-   it); Hamming ties go by id, as in the index.  Each note gives recall@10 of the float
-   features' neighbours.  Pooled and spatial 500 bits raw are measured again through the
-   product: ``encode_folder`` into a destination, then ``Index.similar``.
-2. ``near-dup``: a catalogue of the photos and copies of 100 of them in every kind of
-   ``encoder.copies.COPY_KINDS``, made with other parameters than the fit's own copies
-   (``BENCH_COPIES``), encoded pooled and spatial.  The threshold is fitted on it
-   (``fit_destination``) and on the photos alone; ``find_duplicates`` runs at the fitted
-   default and at 0.8x and 1.2x of it.  The truth: per kind, the share of copies in the
-   same group as their original; the share of photos in a group with another photo (or
-   a copy of one); beside them, what the fit expected.
-
-``backbones``: files -> codes (``encode_folder``, spatial, batch 32, up to 256 photos, the best of
-two runs) of
-VGG16 (random weights: speed does not depend on them) and Lite0 side by side on TF fp32,
-OV fp32 and OV int8 (quantized from 64 of the photos), every encoder built and warmed up
-before timing (``bench.runtime_measure``); for Lite0 also the bare encode of a decoded
-batch of 32, files -> codes with 1 and 4 decode threads (2 is the default), and decoding
-+ resizing on one core.
+1. ``quality``: label precision@10, leave one out, over the photos with a label
+   (``labels.csv`` beside the shared or the sample photos, less "Not sure", "Skip" and
+   "Other"; the others stay in the destinations but are never queries nor results), with
+   the chance level.  The reference ranks the pooled float features (``Encoder.features``,
+   computed once) by cosine; codes are hashed from them in NumPy as the hashing layer does
+   (``(x - centre) @ hyperplanes(channels, bits, 628) > 0``; centre: the mean pooled
+   feature, as ``imgenc fit-center`` computes it), Hamming ties broken by id as the index
+   does.  Pooled and spatial 500 bits again through ``encode_folder`` + ``Index.similar``.
+2. ``near-dup``: the photos plus copies of 100 of them in every kind of ``COPY_KINDS``, made
+   with other parameters than the fit's own (``BENCH_COPIES``), encoded pooled and spatial;
+   the threshold fitted on that catalogue (``fit_destination``) and on the photos alone;
+   ``find_duplicates`` at the fitted default and at 0.8x and 1.2x of it.  The truth: per
+   kind, the share of copies grouped with their photo, and the share of photos grouped with
+   another photo (or its copy); beside them, what the fit expected.
+3. ``backbones``: files -> codes (``encode_folder``, spatial, batch 32, up to 256 photos,
+   best of two runs) for VGG16 (random weights: speed does not depend on them) and Lite0
+   side by side on TF fp32, OV fp32 and OV int8 (quantized from 64 of the photos), every
+   encoder built and warmed up first (``bench.runtime_measure``); for Lite0, the bare
+   encode of a decoded batch, 1 and 4 decode threads (2 is the default), and decoding +
+   resizing on one core.
 """
 
 from __future__ import annotations
@@ -43,20 +35,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from bench import measure
 from bench.images import SAMPLE_PHOTOS, SHARED_PHOTOS
-from bench.measure import (
-    LSH_BITS,
-    Context,
-    Row,
-    cosine_topk,
-    decode_rate,
-    decoded_batch,
-    features,
-    hamming_topk,
-    overlap,
-    seconds_per_call,
-    settings,
-)
+from bench.measure import LSH_BITS, Context, Row, settings
 from encoder.copies import COPY_KINDS, _crop, open_picture
 from encoder.planes import hyperplanes
 from encoder.settings import LAYOUTS
@@ -104,7 +85,7 @@ def precision(top: np.ndarray, y: np.ndarray) -> float:
 def label_precision(ctx: Context, encoder: Any, names: list[str], y: np.ndarray) -> dict:
     """The precision rows of the NumPy hashing; returns, per layout, the 500-bit raw
     ``(bits, top-k, precision)`` for the product path to compare with."""
-    spatial = features(ctx, encoder)  # (photos, positions, channels)
+    spatial = measure.features(ctx, encoder)  # (photos, positions, channels)
     pooled = spatial.mean(axis=1)  # GlobalAveragePooling2D
     centre = pooled.mean(axis=0)
     keep = [ctx.files.index(name) for name in names]
@@ -113,7 +94,7 @@ def label_precision(ctx: Context, encoder: Any, names: list[str], y: np.ndarray)
     chance = float(np.mean((counts[y] - 1) / (len(y) - 1)))
     what = f"chance level ({len(y)} labelled photos, {len(counts)} labels)"
     ctx.add(Row("quality", f"label precision@{k}, {what}", chance, "share"))
-    exact = cosine_topk(pooled[keep], k)
+    exact = measure.cosine_topk(pooled[keep], k)
     ref = precision(exact, y)
     name = f"label precision@{k}, pooled float features (cosine)"
     ctx.add(Row("quality", name, ref, "share", ref / chance, "chance level", "leave one out"))
@@ -121,32 +102,21 @@ def label_precision(ctx: Context, encoder: Any, names: list[str], y: np.ndarray)
     for layout, x, sizes in (("pooled", pooled[keep], LSH_BITS), ("spatial", spatial[keep], [500])):
         for bits, centred in ((bits, centred) for bits in sizes for centred in (False, True)):
             codes = hash_bits(x, bits, centre if centred else None)
-            top = hamming_topk(codes, k)
+            top = measure.hamming_topk(codes, k)
             value = precision(top, y)
             name = f"label precision@{k}, {layout} {bits} bits, {'centred' if centred else 'raw'}"
-            note = f"recall@{k} of the float features' neighbours {overlap(top, exact):.3f}"
+            note = f"recall@{k} of the float features' neighbours {measure.overlap(top, exact):.3f}"
             ctx.add(Row("quality", name, value, "share", value / ref, "float features", note))
             if bits == 500 and not centred:
-                kept[layout] = (codes, top, value)
+                kept[layout] = (layout, codes, top, value)
     return kept
 
 
-def through_product(
-    ctx: Context,
-    index: Any,
-    names: list[str],
-    y: np.ndarray,
-    layout: str,
-    numpy_case: tuple[np.ndarray, np.ndarray, float],
-) -> None:
-    """Precision of the same case through the destination's index (``Index.similar``)."""
-    codes, numpy_top, numpy_value = numpy_case
-    k, position, unlabelled = (
-        numpy_top.shape[1],
-        {n: i for i, n in enumerate(names)},
-        len(index) - len(names),
-    )
-    similar = [index.similar(name, k + unlabelled).ids for name in names]
+def through_product(ctx: Context, index: Any, names: list[str], y: np.ndarray, case: tuple) -> None:
+    """Precision of a NumPy ``case`` through the destination's index (``Index.similar``)."""
+    layout, codes, numpy_top, numpy_value = case
+    k, position = numpy_top.shape[1], {n: i for i, n in enumerate(names)}
+    similar = [index.similar(name, k + len(index) - len(names)).ids for name in names]
     top = np.array([[position[i] for i in ids if i in position][:k] for ids in similar])
     stored = np.unpackbits(np.stack([index.code(n) for n in names]), axis=1, count=codes.shape[1])
     value = precision(top, y)
@@ -206,18 +176,13 @@ def fitted(ctx: Context, index: Any, encoder: Any, chosen: Any) -> Any:
     return fit
 
 
-def near_duplicates(
-    ctx: Context,
-    layout: str,
-    chosen: Any,
-    encoder: Any,
-    clean_index: Any,
-    catalogue: Path,
-    made: dict[str, tuple[str, str]],
-) -> None:
+def near_duplicates(ctx: Context, encoder: Any, clean_index: Any, catalogue: Path, made: dict):
     from encoder.folder_run import encode_folder
     from search.duplicate_fit import TooFewImages
     from search.index import Index
+
+    chosen = encoder.settings
+    layout = chosen.layout
 
     dest = ctx.work / f"quality-catalogue-{layout}"
     encode_folder(catalogue, str(dest), chosen, progress=False, encoder=encoder)
@@ -272,13 +237,12 @@ def quality(ctx: Context) -> None:
     numpy_cases = label_precision(ctx, encoders["spatial"], names, y) if len(names) > 2 else {}
     catalogue, made = make_catalogue(ctx)
     for layout in ("pooled", "spatial"):
-        chosen = settings(**LITE, layout=layout)
-        dest = ctx.work / f"quality-photos-{layout}"
-        encode_folder(ctx.images, str(dest), chosen, progress=False, encoder=encoders[layout])
+        dest, encoder = ctx.work / f"quality-photos-{layout}", encoders[layout]
+        encode_folder(ctx.images, str(dest), encoder.settings, progress=False, encoder=encoder)
         index = Index.open(str(dest), save=False)
         if layout in numpy_cases:
-            through_product(ctx, index, names, y, layout, numpy_cases[layout])
-        near_duplicates(ctx, layout, chosen, encoders[layout], index, catalogue, made)
+            through_product(ctx, index, names, y, numpy_cases[layout])
+        near_duplicates(ctx, encoders[layout], index, catalogue, made)
         shutil.rmtree(dest, ignore_errors=True)
 
 
@@ -294,7 +258,7 @@ def backbones(ctx: Context) -> None:
     calibration, cache = ctx.work / "backbones-calib.npz", ctx.work / "backbones-model-cache"
     sample = 8 if ctx.quick else rt.CALIBRATION_IMAGES
     save_calibration(calibration, *calibration_sample(ctx.images, settings(), sample, False))
-    batch = decoded_batch(ctx, min(rt.BATCH, len(ctx.files)))
+    batch = measure.decoded_batch(ctx, min(rt.BATCH, len(ctx.files)))
 
     def files_to_codes(chosen: Any, encoder: Any) -> float:
         """The best of two runs (one under ``--quick``): the first after a build ran slower."""
@@ -321,7 +285,7 @@ def backbones(ctx: Context) -> None:
             note = "; ".join(n for n in notes if n)
             ctx.add(Row("backbones", name, rates[model], "img/s", ratio, f"VGG16, {runtime}", note))
         calls = 2 if ctx.quick else 5
-        bare = len(batch) / seconds_per_call(lambda e=encoder: e.encode(batch), calls)
+        bare = len(batch) / measure.seconds_per_call(lambda e=encoder: e.encode(batch), calls)
         name = f"{runtime} bare encode, Lite0, decoded batch of {len(batch)}"
         note = f"files -> codes reach {rates['Lite0'] / bare:.2f} of it"
         ctx.add(Row("backbones", name, bare, "img/s", note=note))
@@ -330,5 +294,5 @@ def backbones(ctx: Context) -> None:
             name = f"{runtime} files -> codes, Lite0, {threads} decode thread(s)"
             ctx.add(Row("backbones", name, rate, "img/s", rate / rates["Lite0"], "2 (the default)"))
         del encoder
-    rate = decode_rate(ctx, len(files))
+    rate = measure.decode_rate(ctx, len(files))
     ctx.add(Row("backbones", "decode + resize to 224, one core, these photos", rate, "img/s"))
