@@ -47,7 +47,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     measure.WEIGHTS["weights"] = args.weights
     work = Path(tempfile.mkdtemp(prefix="imgenc-bench-"))
     try:

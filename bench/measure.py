@@ -393,7 +393,7 @@ def fidelity(ctx: Context) -> None:
     """bf16 against fp32: speed, code bits and neighbours (pooled).  ``--weights random``
     is seeded, so the fp32 and bf16 models hold the same weights.  (Recall of the codes
     against the float features is measured with trained weights by the ``quality`` step.)"""
-    from encoder.model import Encoder
+    from encoder.tf_runtime import TensorFlowEncoder as Encoder
 
     fp32 = features(ctx, Encoder(settings(layout="pooled", precision="fp32")))
     bf16 = features(ctx, Encoder(settings(layout="pooled", precision="bf16")))

@@ -115,7 +115,7 @@ def build_encoder(
 ) -> tuple[Any, Any, float]:
     """``(settings, encoder, seconds to build)``, warmed up with one batch; ``more``: other
     settings (``backbone``, ``weights``...)."""
-    from encoder.model import load_encoder
+    from encoder.runtime import load_encoder
 
     chosen = encoder_settings(config, layout, calibration, cache, **more)
     start = time.perf_counter()

@@ -307,7 +307,7 @@ def _health(base: str) -> dict[str, Any]:
 def serve_latency(ctx: Context) -> None:
     from encoder.folder_run import encode_folder
     from encoder.images import ImageLoader
-    from encoder.model import Encoder
+    from encoder.tf_runtime import TensorFlowEncoder as Encoder
     from search.index import Index
 
     files = ctx.files[: 8 if ctx.quick else 200]

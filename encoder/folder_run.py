@@ -64,7 +64,7 @@ def encode_folder(
     encoder: Any | None = None,
 ) -> RunSummary:
     """Encode every image under ``image_dir`` into ``dest``; see ``imgenc encode --help``."""
-    from encoder.model import load_encoder
+    from encoder.runtime import load_encoder
 
     image_dir = Path(image_dir)
     check_destination(image_dir, dest, settings)

@@ -32,8 +32,11 @@ import numpy as np
 
 from encoder.backbones import get_backbone
 from encoder.calibrate import load_calibration
+from encoder.centering import load_center
 from encoder.codes import pack_bits
-from encoder.planes import hyperplanes
+from encoder.model import build_model, feature_model
+from encoder.planes import hash_features, hyperplanes
+from encoder.runtime import warm_up
 from encoder.settings import Settings
 from encoder.spec import CodeSpec, file_sha256, spec_for
 
@@ -58,11 +61,9 @@ def import_openvino() -> Any:
 
 
 class OpenVinoEncoder:
-    """Pixels in, packed codes out, like ``encoder.model.Encoder``, on OpenVINO."""
+    """Pixels in, packed codes out, on OpenVINO (an ``encoder.runtime.Encoder``)."""
 
     def __init__(self, settings: Settings, performance_hint: str = "LATENCY") -> None:
-        from encoder.centering import load_center
-
         ov = import_openvino()
         self.settings = settings
         self.spec: CodeSpec = spec_for(settings)
@@ -123,14 +124,10 @@ class OpenVinoEncoder:
         return folder / f"{self.spec.backbone}-{self.spec.layout}-{kind}-{self._cache_key(ov)}"
 
     def _convert(self, ov: Any) -> Any:
-        import keras
-
-        from encoder.model import build_model
-
         full = build_model(
             self.settings.replace(precision="fp32", center=None, runtime="tensorflow")
         )
-        extractor = keras.Model(full.input, full.get_layer("hyperplane_hashing").input)
+        extractor = feature_model(full)
         size = self.input_size
         with warnings.catch_warnings():  # Keras notes the tuple convert_model passes it
             warnings.simplefilter("ignore", UserWarning)
@@ -171,15 +168,15 @@ class OpenVinoEncoder:
         return out.reshape(out.shape[0], -1, out.shape[-1]) if out.ndim == 4 else out
 
     def bits(self, pixels: np.ndarray) -> np.ndarray:
-        features = self.features(pixels)
-        if self.center is not None:
-            features = features - self.center
-        return (features @ self.planes > 0).astype(np.uint8)
+        return hash_features(self.features(pixels), self.planes, self.center)
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         if pixels.shape[0] == 0:
             return self.empty_codes
         return pack_bits(self.bits(pixels))
+
+    def warm_up(self) -> None:
+        warm_up(self)
 
 
 def _version(metadata: Any, dist: str) -> str:

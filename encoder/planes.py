@@ -30,3 +30,13 @@ def hyperplanes(n_features: int, n_bits: int, seed: int) -> np.ndarray:
 
 def planes_sha256(n_features: int, n_bits: int, seed: int) -> str:
     return hashlib.sha256(hyperplanes(n_features, n_bits, seed).tobytes()).hexdigest()
+
+
+def hash_features(
+    features: np.ndarray, planes: np.ndarray, center: np.ndarray | None = None
+) -> np.ndarray:
+    """The bits of ``features`` (``(..., channels)``), as the Keras ``HyperplaneHashing``
+    layer computes them: 1 where ``(features - center) @ planes > 0``, as uint8."""
+    if center is not None:
+        features = features - center
+    return (features @ planes > 0).astype(np.uint8)

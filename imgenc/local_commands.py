@@ -12,8 +12,9 @@ AddModelArgs = Callable[[argparse.ArgumentParser], None]
 
 def cmd_encode(args: argparse.Namespace) -> int:
     from encoder.folder_run import check_destination, encode_folder
-    from encoder.model import WeightsUnavailable, load_encoder
+    from encoder.model import WeightsUnavailable
     from encoder.openvino_runtime import RuntimeUnavailable
+    from encoder.runtime import load_encoder
     from encoder.spec import SpecMismatch
     from encoder.storage import StorageError
 

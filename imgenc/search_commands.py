@@ -149,7 +149,9 @@ def cmd_dedup(args: argparse.Namespace) -> int:
                 f"images cannot be read here to fit one: run `imgenc fit-dedup {args.dest} "
                 "--image-root DIR` where they are, or pass --max-distance"
             )
-        print(f"no near-duplicate threshold fitted for {args.dest} yet: fitting one", file=sys.stderr)
+        print(
+            f"no near-duplicate threshold fitted for {args.dest} yet: fitting one", file=sys.stderr
+        )
         try:
             _fit(args, index)
         except TooFewImages as exc:
@@ -170,7 +172,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     d = index.describe()
     print(
         f"{args.dest}: {d['images']} images in a {d['kind']} index "
-        f"({d['code_bytes']}-byte codes, {d['stored_bytes']} as stored), saved under "
+        f"({d['code_bytes']}-byte codes), saved under "
         f"{args.dest}/index/"
     )
     return 0

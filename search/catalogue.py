@@ -43,7 +43,9 @@ class CatalogueImages:
 
     def load_picture(self, image_id: str, max_side: int) -> tuple[LoadResult, Any]:
         loader = self.loader(image_id)
-        return loader.load_picture(image_id, max_side) if loader else (self._unknown(image_id), None)
+        return (
+            loader.load_picture(image_id, max_side) if loader else (self._unknown(image_id), None)
+        )
 
     def load_bytes(self, data: bytes, image_id: str = "upload") -> LoadResult:
         return self._in_memory.load_bytes(data, image_id)

@@ -5,8 +5,8 @@
 depends on the model, the layout, the bits and the photos.
 
 1. Every image's neighbours within ``max_distance`` are found through the index, in batches:
-   the ``k`` nearest first, and a faiss range search only for images whose ``k``-th
-   neighbour is still within the threshold (a cluster of many copies).  Memory is
+   the ``k`` nearest first, and a search within the radius only for images whose
+   ``k``-th neighbour is still within the threshold (a cluster of many copies).  Memory is
    O(N·k) plus the pairs found, never N×N.
 2. Groups form around centres: the image with the most neighbours within the threshold
    (an original among its copies; then the most pixels, the largest file, the smallest
@@ -33,7 +33,7 @@ from search.duplicate_fit import DuplicateThreshold, read_threshold
 from search.index import Index
 
 NEIGHBOURS = 32  # k of the first search per image
-BATCH = 2048  # images searched per faiss call
+BATCH = 2048  # images searched per backend call
 
 
 @dataclass
@@ -86,24 +86,25 @@ class DuplicateGroups:
 
 def close_pairs(index: Index, max_distance: int, k: int = NEIGHBOURS) -> dict[tuple[int, int], int]:
     """``(position a, position b) -> distance`` for every pair within ``max_distance``
-    (a < b), found with k-nearest searches and range searches where k was not enough."""
+    (a < b), found with k-nearest searches, and searches within the radius where k was
+    not enough (a crowd of copies)."""
+    backend = index.backend
     pairs: dict[tuple[int, int], int] = {}
-    total = len(index)
+    total = len(backend)
     k = min(k + 1, total)
     for start in range(0, total, BATCH):
-        stop = min(total, start + BATCH)
-        codes = index.padded_codes(start, stop)
-        distances, positions = index.raw_search(codes, k)
-        # Rows whose k-th neighbour is still close may have more: a range search gets all.
-        crowded = np.flatnonzero(distances[:, -1] <= max_distance) if k < total else []
-        for row in sorted(set(range(stop - start)) - set(crowded.tolist() if len(crowded) else [])):
-            _add_pairs(pairs, start + row, distances[row], positions[row], max_distance)
-        if len(crowded):
-            lims, r_distances, r_positions = index.range_search(codes[crowded], max_distance + 1)
-            for n, row in enumerate(crowded):
-                lo, hi = lims[n], lims[n + 1]
-                found_d, found_p = r_distances[lo:hi], r_positions[lo:hi]
-                _add_pairs(pairs, start + int(row), found_d, found_p, max_distance)
+        keys = np.arange(start, min(total, start + BATCH), dtype=np.int64)
+        codes = backend.codes(keys)
+        distances, found = backend.search(codes, k)
+        # Rows whose k-th neighbour is still close may have more: a radius search gets all.
+        crowded = distances[:, -1] <= max_distance if k < total else np.zeros(len(keys), bool)
+        for row in np.flatnonzero(~crowded):
+            _add_pairs(pairs, int(keys[row]), distances[row], found[row], max_distance)
+        if crowded.any():
+            for row, (near_d, near) in zip(
+                np.flatnonzero(crowded), backend.within(codes[crowded], max_distance), strict=True
+            ):
+                _add_pairs(pairs, int(keys[row]), near_d, near, max_distance)
     return pairs
 
 
@@ -115,11 +116,11 @@ def _add_pairs(
     pairs: dict[tuple[int, int], int],
     me: int,
     distances: np.ndarray,
-    positions: np.ndarray,
+    keys: np.ndarray,
     max_distance: int,
 ) -> None:
-    for d, other in zip(distances, positions, strict=True):
-        if other < 0 or other == me or d > max_distance:
+    for d, other in zip(distances, keys, strict=True):
+        if other == me or d > max_distance:
             continue
         pairs[_pair(me, int(other))] = int(d)
 
@@ -152,7 +153,9 @@ def find_duplicates(index: Index, max_distance: int | None = None) -> DuplicateG
         neighbours.setdefault(b, []).append(a)
     groups = []
     assigned: set[int] = set()
-    centre_first = sorted(neighbours, key=lambda p: (-len(neighbours[p]), _keep_rank(index, ids[p])))
+    centre_first = sorted(
+        neighbours, key=lambda p: (-len(neighbours[p]), _keep_rank(index, ids[p]))
+    )
     for kept in centre_first:
         if kept in assigned:
             continue

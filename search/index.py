@@ -1,21 +1,19 @@
-"""``Index``: the nearest stored codes of a destination, by Hamming distance, with faiss.
+"""``Index``: the nearest stored codes of a destination, by Hamming distance.
 
 ``Index.open(DEST)`` reads the destination's spec and indexes every ``ok`` code (the
-manifest parts merged as ``encoder.manifest`` merges them: one row per image).  The index
-is exact by default (faiss ``IndexBinaryFlat``); ``kind="hnsw"`` builds an
-``IndexBinaryHNSW`` graph, approximate and faster for large collections.
-
-Codes of up to 64 bytes are zero-padded to the next size faiss has a fast Hamming kernel
-for (4, 8, 16, 20, 32 or 64 bytes: a 63-byte pooled code becomes 64); padding adds the same
-zero bits to every code, so distances do not change.  Longer codes (3,063-byte spatial
-ones) use faiss's generic kernel.
+manifest parts merged as ``encoder.manifest`` merges them: one row per image).  The codes
+are held and searched by a ``search.backend.CodeBackend`` (faiss: exact by default,
+``kind="hnsw"`` for an approximate graph, faster for large collections); the index keeps
+the image ids (an image's key is its position in ``ids``), the per-image facts and the
+persistence, and never touches the engine itself.
 
 The index persists under ``DEST/index/``: ``meta.json`` (the spec fingerprint, the kind,
-and the version of every manifest part it covers), then ``<generation>.faiss`` and
-``<generation>.ids.json``.  ``open`` and ``refresh`` compare the parts with what the
-index covers: new parts are added incrementally; a part rewritten, or an indexed image
-encoded again, rebuilds.  The index is never silently stale: ``stale`` says whether the
-destination moved on since the last ``refresh``.
+and the version of every manifest part it covers), then ``<generation>.faiss`` (what the
+backend dumps), ``<generation>.ids.json`` and ``<generation>.facts.npz``.  ``open`` and
+``refresh`` compare the parts with what the index covers: new parts are added
+incrementally; a part rewritten, or an indexed image encoded again, rebuilds.  The index
+is never silently stale: ``stale`` says whether the destination moved on since the last
+``refresh``.
 
 Results are ordered by distance, ties broken by id, so exact search equals a brute-force
 Hamming ranking whatever the order codes were added in.
@@ -41,22 +39,16 @@ from encoder.codes import codes_at, read_spec
 from encoder.manifest import PARTS_PREFIX, Row, csv_to_rows, row_rank
 from encoder.spec import CodeSpec
 from encoder.storage import Storage, StorageError, open_storage
+from search.backend import BACKENDS, CodeBackend, new_backend
 
 log = logging.getLogger("imgenc.search")
-logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader reports every import
 
+FORMAT = 2  # 2: codes under keys (faiss IndexBinaryIDMap2)
 INDEX_PREFIX = "index"
 META_KEY = f"{INDEX_PREFIX}/meta.json"
-KINDS = ("flat", "hnsw")
-FAST_CODE_BYTES = (4, 8, 16, 20, 32, 64)  # faiss's specialised Hamming kernels
+KINDS = tuple(BACKENDS)
 DEFAULT_HNSW_M = 32  # graph neighbours per node
-DEFAULT_HNSW_EF_SEARCH = 128
 TIE_MARGIN = 16  # extra neighbours fetched to break ties at the k-th distance by id
-
-
-def stored_bytes(code_bytes: int) -> int:
-    """The code size the index holds: padded up to a fast faiss kernel when it fits one."""
-    return next((n for n in FAST_CODE_BYTES if n >= code_bytes), code_bytes)
 
 
 @dataclass
@@ -111,7 +103,7 @@ class _Facts:
 class _State:
     """What a search reads, swapped as a whole when the index changes."""
 
-    faiss_index: Any
+    backend: CodeBackend
     ids: list[str]
     positions: dict[str, int]
     parts: dict[str, str]  # manifest part key -> version covered
@@ -132,10 +124,8 @@ class Index:
         self.spec = spec
         self.kind = kind
         self.hnsw_m = hnsw_m
-        self.ef_search = DEFAULT_HNSW_EF_SEARCH
         self.code_bytes = spec.bytes_per_code
-        self.stored_bytes = stored_bytes(self.code_bytes)
-        self._state = _State(self._new_faiss(), [], {}, {}, _Facts())
+        self._state = _State(self._new_backend(), [], {}, {}, _Facts())
         self._lock = threading.Lock()  # one refresh at a time
         self.generation = ""
         self.updated_at = 0.0
@@ -199,54 +189,33 @@ class Index:
 
     def _build(self, parts: dict[str, str]) -> _State:
         images = _ok_images(self.storage, list(parts))
-        state = _State(self._new_faiss(), [], {}, {}, _Facts())
+        state = _State(self._new_backend(), [], {}, {}, _Facts())
         return self._extend(state, images, parts)
 
     def _extend(self, state: _State, images: list[StoredImage], parts: dict[str, str]) -> _State:
         """A new state: ``state`` plus the codes of ``images`` (none of them indexed yet)."""
-        import faiss
-
         ids = state.ids + [i.id for i in images]
         positions = dict(state.positions)
         positions.update((image.id, len(state.ids) + n) for n, image in enumerate(images))
-        faiss_index = state.faiss_index
+        backend = state.backend
         if images:
-            locations = [(i.shard, i.row) for i in images]
-            codes = self._pad(codes_at(self.storage, self.spec, locations))
+            codes = codes_at(self.storage, self.spec, [(i.shard, i.row) for i in images])
             # Add to a copy: searches running on the current state never see a half-added index.
-            faiss_index = (
-                faiss.clone_binary_index(faiss_index) if faiss_index.ntotal else self._new_faiss()
-            )
-            faiss_index.add(codes)
-        return _State(faiss_index, ids, positions, parts, state.facts.extended(images))
+            backend = backend.copy()
+            backend.add(np.arange(len(state.ids), len(ids), dtype=np.int64), codes)
+        return _State(backend, ids, positions, parts, state.facts.extended(images))
 
-    def _new_faiss(self) -> Any:
-        import faiss
-
-        bits = self.stored_bytes * 8
-        if self.kind == "hnsw":
-            index = faiss.IndexBinaryHNSW(bits, self.hnsw_m)
-            index.hnsw.efSearch = self.ef_search
-            return index
-        return faiss.IndexBinaryFlat(bits)
-
-    def _pad(self, codes: np.ndarray) -> np.ndarray:
-        codes = np.ascontiguousarray(codes, dtype=np.uint8)
-        if codes.shape[1] == self.stored_bytes:
-            return codes
-        padded = np.zeros((codes.shape[0], self.stored_bytes), np.uint8)
-        padded[:, : codes.shape[1]] = codes
-        return padded
+    def _new_backend(self) -> CodeBackend:
+        return new_backend(self.kind, self.code_bytes, hnsw_m=self.hnsw_m)
 
     # --- persistence ----------------------------------------------------------------------
     def save(self) -> None:
         """Write the index under ``DEST/index/``: data files first, ``meta.json`` last."""
-        import faiss
-
         state, generation = self._state, self.generation or secrets.token_hex(6)
         self.generation = generation
-        data = faiss.serialize_index_binary(state.faiss_index)
-        self.storage.put(f"{INDEX_PREFIX}/{generation}.faiss", np.asarray(data).tobytes())
+        data = state.backend.dump()
+        if data is not None:
+            self.storage.put(f"{INDEX_PREFIX}/{generation}.faiss", data)
         self.storage.put(f"{INDEX_PREFIX}/{generation}.ids.json", json.dumps(state.ids).encode())
         facts = io.BytesIO()
         np.savez(
@@ -259,17 +228,15 @@ class Index:
         self.storage.put(f"{INDEX_PREFIX}/{generation}.facts.npz", facts.getvalue())
         previous = _read_meta(self.storage)
         meta = {
-            "format": 1,
+            "format": FORMAT,
             "generation": generation,
             "fingerprint": self.spec.fingerprint,
             "kind": self.kind,
             "hnsw_m": self.hnsw_m,
             "count": len(state.ids),
             "code_bytes": self.code_bytes,
-            "stored_bytes": self.stored_bytes,
             "parts": state.parts,
             "saved_at": time.time(),
-            "faiss": faiss.__version__,
         }
         self.storage.put(META_KEY, json.dumps(meta, indent=1).encode())
         if previous and previous.get("generation") not in (None, generation):
@@ -278,19 +245,17 @@ class Index:
 
     def _load(self, meta: dict[str, Any]) -> bool:
         """Adopt the persisted index if it fits this spec and kind; False otherwise."""
-        import faiss
-
         if (
-            meta.get("format") != 1
+            meta.get("format") != FORMAT
             or meta.get("fingerprint") != self.spec.fingerprint
             or meta.get("kind") != self.kind
-            or meta.get("stored_bytes") != self.stored_bytes
+            or meta.get("code_bytes") != self.code_bytes
             or (self.kind == "hnsw" and meta.get("hnsw_m") != self.hnsw_m)
         ):
             return False
+        backend = self._new_backend()
         try:
             generation = meta["generation"]
-            data = self.storage.get(f"{INDEX_PREFIX}/{generation}.faiss")
             ids = json.loads(self.storage.get(f"{INDEX_PREFIX}/{generation}.ids.json"))
             with np.load(
                 io.BytesIO(self.storage.get(f"{INDEX_PREFIX}/{generation}.facts.npz"))
@@ -298,16 +263,14 @@ class Index:
                 facts = _Facts(
                     f["pixels"], f["file_bytes"], f["root_index"], [str(r) for r in f["roots"]]
                 )
-            faiss_index = faiss.deserialize_index_binary(np.frombuffer(data, np.uint8))
-        except (KeyError, ValueError, OSError, EOFError, RuntimeError, zipfile.BadZipFile):
-            return False  # damaged or partly written (faiss raises RuntimeError): rebuild
-        if not faiss_index.ntotal == len(ids) == meta.get("count") == len(facts.pixels):
+            backend.load(self.storage.get(f"{INDEX_PREFIX}/{generation}.faiss"))
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile):
+            return False  # damaged or partly written: rebuild
+        if not len(backend) == len(ids) == meta.get("count") == len(facts.pixels):
             return False
-        if self.kind == "hnsw":
-            faiss_index.hnsw.efSearch = self.ef_search
         parts = dict(meta.get("parts", {}))
         positions = {image_id: i for i, image_id in enumerate(ids)}
-        self._state = _State(faiss_index, ids, positions, parts, facts)
+        self._state = _State(backend, ids, positions, parts, facts)
         self.generation = generation
         self.updated_at = float(meta.get("saved_at", 0.0))
         return True
@@ -334,8 +297,7 @@ class Index:
     def code(self, image_id: str) -> np.ndarray:
         """The stored (unpadded) code of ``image_id``; ``KeyError`` if it is not indexed."""
         state = self._state
-        position = state.positions[image_id]
-        return state.faiss_index.reconstruct(position)[: self.code_bytes]
+        return state.backend.codes(np.array([state.positions[image_id]]))[0]
 
     def search(self, codes: np.ndarray, k: int = 10) -> list[Neighbours]:
         """The ``k`` nearest stored codes to each of ``codes`` (``(n, bytes_per_code)``
@@ -343,13 +305,12 @@ class Index:
         codes = np.atleast_2d(np.asarray(codes, np.uint8))
         if codes.shape[1] != self.code_bytes:
             raise ValueError(f"codes of {codes.shape[1]} bytes; this index holds {self.code_bytes}")
-        return self._search(self._state, self._pad(codes), k)
+        return self._search(self._state, codes, k)
 
     def similar(self, image_id: str, k: int = 10) -> Neighbours:
         """The ``k`` nearest other images to an indexed one (``KeyError`` if unknown)."""
         state = self._state
-        query = self._pad(self.code(image_id)[None])
-        found = self._search(state, query, k + 1)[0]
+        found = self._search(state, self.code(image_id)[None], k + 1)[0]
         keep = [i for i, other in enumerate(found.ids) if other != image_id][:k]
         return Neighbours([found.ids[i] for i in keep], [found.distances[i] for i in keep])
 
@@ -381,15 +342,13 @@ class Index:
         return self._embedded
 
     def _search(self, state: _State, queries: np.ndarray, k: int) -> list[Neighbours]:
-        total = state.faiss_index.ntotal
+        total = len(state.backend)
         k = min(k, total)
         if k <= 0 or queries.shape[0] == 0:
             return [Neighbours() for _ in range(queries.shape[0])]
         fetch = min(total, k + TIE_MARGIN)
         while True:
-            if self.kind == "hnsw":
-                state.faiss_index.hnsw.efSearch = max(self.ef_search, fetch)
-            distances, positions = state.faiss_index.search(queries, fetch)
+            distances, positions = state.backend.search(queries, fetch)
             # Fetch more where the k-th distance ties with the last one fetched.
             if fetch >= total or not (distances[:, k - 1] == distances[:, fetch - 1]).any():
                 break
@@ -402,40 +361,28 @@ class Index:
             results.append(Neighbours([i for _, i in pairs], [d for d, _ in pairs]))
         return results
 
-    def raw_search(self, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """faiss's own ``(distances, positions)`` for already padded codes (for duplicates)."""
-        return self._state.faiss_index.search(codes, k)
+    @property
+    def backend(self) -> CodeBackend:
+        """The codes, keyed by position in ``ids`` (for searches over stored codes)."""
+        return self._state.backend
 
     def exact(self) -> Index:
         """This index, or for HNSW an exact (flat) copy of the same codes, ids and rows."""
-        if self.kind == "flat":
+        if self._state.backend.exact:
             return self
         state = self._state
         flat = Index(self.storage, self.spec, "flat")
-        codes = state.faiss_index.reconstruct_n(0, state.faiss_index.ntotal)
-        faiss_index = flat._new_faiss()
-        faiss_index.add(codes)
-        flat._state = _State(faiss_index, state.ids, state.positions, state.parts, state.facts)
+        flat._state = _State(
+            state.backend.exact_copy(), state.ids, state.positions, state.parts, state.facts
+        )
         flat.generation = self.generation
         return flat
-
-    def range_search(
-        self, codes: np.ndarray, radius: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """faiss's ``(lims, distances, positions)`` of every stored code closer than
-        ``radius`` to each of the padded ``codes``."""
-        return self._state.faiss_index.range_search(codes, radius)
-
-    def padded_codes(self, start: int, stop: int) -> np.ndarray:
-        """Stored codes at positions ``start:stop``, as the index holds them (padded)."""
-        return self._state.faiss_index.reconstruct_n(start, stop - start)
 
     def describe(self) -> dict[str, Any]:
         return {
             "images": len(self),
             "kind": self.kind,
             "code_bytes": self.code_bytes,
-            "stored_bytes": self.stored_bytes,
             "fingerprint": self.spec.fingerprint,
             "layout": self.spec.layout,
             "backbone": self.spec.backbone,

@@ -74,7 +74,7 @@ class EmbeddedQueryEncoder:
         weights: str | None = None,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     ) -> None:
-        from encoder.model import load_encoder
+        from encoder.runtime import load_encoder
 
         self._tmp = tempfile.TemporaryDirectory(prefix="imgenc-query-")
         folder = Path(self._tmp.name)
@@ -94,8 +94,7 @@ class EmbeddedQueryEncoder:
         return results, codes
 
     def warm_up(self) -> None:
-        size = self.encoder.input_size
-        self.encoder.encode(np.zeros((1, size, size, 3), np.uint8))
+        self.encoder.warm_up()
 
 
 @dataclass

@@ -30,7 +30,6 @@ import hmac
 import io
 import ipaddress
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -332,5 +331,4 @@ def is_loopback(host: str) -> bool:
 def serve(app: Any, host: str, port: int) -> None:
     import uvicorn
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)

@@ -92,8 +92,8 @@ _ENCODERS: dict = {}
 
 def get_encoder(**overrides):
     """A cached ``Encoder`` with random weights (no download), built once per configuration."""
-    from encoder.model import Encoder
     from encoder.settings import Settings
+    from encoder.tf_runtime import TensorFlowEncoder as Encoder
 
     key = tuple(sorted(overrides.items()))
     if key not in _ENCODERS:
@@ -659,13 +659,11 @@ def encode_and_fit(folder: Path, dest: Path, **overrides) -> None:
     """``imgenc encode`` in this process: encode ``folder`` with the trained backbone (or
     ``overrides``), then fit the near-duplicate threshold, as the command does."""
     from encoder.folder_run import encode_folder
-    from encoder.model import load_encoder
+    from encoder.runtime import load_encoder
     from search import Index
     from search.duplicate_fit import fit_destination
 
     settings = make_settings(**{**LITE0, **overrides})
     encoder = load_encoder(settings)
     encode_folder(folder, str(dest), settings, progress=False, encoder=encoder)
-    fit_destination(
-        Index.open(str(dest)), encoder, settings.dedup_kinds.split(","), progress=False
-    )
+    fit_destination(Index.open(str(dest)), encoder, settings.dedup_kinds.split(","), progress=False)

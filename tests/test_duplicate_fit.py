@@ -201,7 +201,9 @@ def test_a_distributed_job_fits_on_the_worker_as_the_embedded_encode_does(
     finally:
         worker.stop()
         redis.stop(kill=True)
-    embedded = json.loads((encoded["with-copies"][0] / "dedup" / f"{fitted(out).fingerprint}.json").read_text())
+    embedded = json.loads(
+        (encoded["with-copies"][0] / "dedup" / f"{fitted(out).fingerprint}.json").read_text()
+    )
     on_worker = json.loads((out / "dedup" / f"{fitted(out).fingerprint}.json").read_text())
     for record in (embedded, on_worker):
         record.pop("fitted_at")
@@ -216,7 +218,5 @@ def test_the_pixel_check_knows_each_kind_of_copy_and_tells_different_photos_apar
         for kind in COPY_KINDS:
             copy = check.variants(open_picture(make_copy(picture, kind)))
             assert check.same_picture(own, copy), kind
-    different = [
-        check.similarity(a, b) for i, a in enumerate(variants) for b in variants[i + 1 :]
-    ]
+    different = [check.similarity(a, b) for i, a in enumerate(variants) for b in variants[i + 1 :]]
     assert max(different) < 0.975

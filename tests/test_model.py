@@ -101,7 +101,7 @@ def test_a_weights_file_gives_identical_codes_in_processes_with_different_tf_see
     np.save(tmp_path / "pixels.npy", batch)
     script = (
         "import sys, numpy as np; sys.path.insert(0, sys.argv[3]);"
-        "from encoder.model import Encoder; from encoder.settings import Settings;"
+        "from encoder.tf_runtime import TensorFlowEncoder as Encoder; from encoder.settings import Settings;"
         "import keras; keras.utils.set_random_seed(int(sys.argv[4]));"
         "enc = Encoder(Settings.from_env({'weights': sys.argv[5], 'layout': 'pooled'}, environ={}));"
         "np.save(sys.argv[2], enc.encode(np.load(sys.argv[1])))"
@@ -137,7 +137,7 @@ import numpy as np
 import keras
 sys.path.insert(0, sys.argv[1])
 from encoder.images import ImageLoader
-from encoder.model import Encoder
+from encoder.tf_runtime import TensorFlowEncoder as Encoder
 from encoder.settings import Settings
 
 keras.utils.set_random_seed(int(sys.argv[4]))  # a different TF/Keras seed in each process

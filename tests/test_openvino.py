@@ -65,7 +65,7 @@ def test_calibrate_keeps_the_loaders_pixels_of_a_sample_of_the_folder(photos, ca
 
 @pytest.mark.parametrize("layout", ["spatial", "pooled"])
 def test_openvino_fp32_codes_agree_with_tensorflow_fp32(photos, tmp_path, layout):
-    from encoder.model import load_encoder
+    from encoder.runtime import load_encoder
 
     batch = pixels_of(photos)
     tf = load_encoder(make_settings(layout=layout))
@@ -76,7 +76,7 @@ def test_openvino_fp32_codes_agree_with_tensorflow_fp32(photos, tmp_path, layout
 
 
 def test_the_converted_model_is_cached_and_the_cache_gives_the_same_codes(photos, tmp_path):
-    from encoder.model import load_encoder
+    from encoder.runtime import load_encoder
 
     settings = make_settings(layout="pooled", runtime="openvino", model_cache=str(tmp_path))
     first = load_encoder(settings)
@@ -90,7 +90,7 @@ def test_the_converted_model_is_cached_and_the_cache_gives_the_same_codes(photos
 _INT8_SCRIPT = """
 import sys, numpy as np
 sys.path.insert(0, sys.argv[1])
-from encoder.model import load_encoder
+from encoder.runtime import load_encoder
 from encoder.settings import Settings
 settings = Settings.from_env({"weights": "random", "layout": sys.argv[5], "runtime": "openvino",
     "precision": "int8", "calibration": sys.argv[2], "model_cache": sys.argv[3]}, environ={})
@@ -120,7 +120,7 @@ def test_int8_codes_are_identical_in_two_processes_that_quantize_separately(
 
 
 def test_int8_codes_mostly_agree_with_fp32(photos, calibration, tmp_path):
-    from encoder.model import load_encoder
+    from encoder.runtime import load_encoder
 
     batch = pixels_of(photos)
     fp32 = load_encoder(

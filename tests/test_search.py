@@ -73,7 +73,7 @@ def test_pooled_63_byte_codes_are_padded_to_64_without_changing_any_distance(tmp
     dest = tmp_path / "codes"
     encode(folder, dest, layout="pooled", bits=500)
     index = Index.open(str(dest))
-    assert (index.code_bytes, index.stored_bytes) == (63, 64)
+    assert (index.code_bytes, index.backend.stored_bytes) == (63, 64)
     ids, codes = load_codes(dest)
     found = index.search(codes[:3], k=30)
     for q in range(3):

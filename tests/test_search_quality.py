@@ -58,17 +58,23 @@ def catalogue(tmp_path_factory):
 def pooled_features(catalogue):
     """``(ids, features)``: the pooled float features of every photo, as hashed."""
     from encoder.images import ImageLoader
-    from encoder.model import load_encoder
+    from encoder.runtime import load_encoder
 
     encoder = load_encoder(make_settings(**LITE0))
     loader = ImageLoader(catalogue, encoder.input_size)
     ids = sorted(p.name for p in catalogue.iterdir())
     pixels = np.stack([loader.load(i).pixels for i in ids])
-    return ids, np.concatenate([encoder.features(pixels[i : i + 32]) for i in range(0, len(ids), 32)])
+    return ids, np.concatenate(
+        [encoder.features(pixels[i : i + 32]) for i in range(0, len(ids), 32)]
+    )
 
 
 def precision_at_10(ranked: dict[str, list[str]], truth: dict[str, str]) -> float:
-    return float(np.mean([np.mean([truth[r] == truth[q] for r in found[:10]]) for q, found in ranked.items()]))
+    return float(
+        np.mean(
+            [np.mean([truth[r] == truth[q] for r in found[:10]]) for q, found in ranked.items()]
+        )
+    )
 
 
 @pytest.mark.parametrize(
@@ -90,7 +96,9 @@ def test_codes_rank_similar_items_nearly_as_well_as_the_float_features(
     unit = features / np.linalg.norm(features, axis=1, keepdims=True)
     cosine = unit @ unit.T
     np.fill_diagonal(cosine, -np.inf)
-    by_features = {q: [ids[j] for j in np.argsort(-cosine[i], kind="stable")[:10]] for i, q in enumerate(ids)}
+    by_features = {
+        q: [ids[j] for j in np.argsort(-cosine[i], kind="stable")[:10]] for i, q in enumerate(ids)
+    }
 
     settings = make_settings(**{**LITE0, "layout": layout})
     if centred:

@@ -55,7 +55,7 @@ def test_the_spec_names_the_installed_weights_files_sha256():
 
 
 def test_openvino_gives_the_same_bits_as_tensorflow():
-    from encoder.model import load_encoder
+    from encoder.runtime import load_encoder
 
     pixels = np.stack(
         [
@@ -172,4 +172,3 @@ def test_the_quick_start_search_finds_photos_of_the_same_kind_of_item(tmp_path):
         kind = labels[query.stem]
         found = [labels[r["id"].removesuffix(".jpg")] for r in answer["results"]]
         assert found == [kind, kind], (query.name, found)
-

@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from celery import concurrency
 from celery.signals import worker_process_init, worker_ready
 
@@ -52,13 +51,12 @@ def get_state() -> WorkerState:
     global _state
     with _lock:
         if _state is None:
-            from encoder.model import load_encoder
+            from encoder.runtime import load_encoder
 
             settings = process_settings()
             start = time.monotonic()
             encoder = load_encoder(settings)
-            size = encoder.input_size
-            encoder.encode(np.zeros((1, size, size, 3), np.uint8))  # trace the function now
+            encoder.warm_up()  # trace or compile now, not on the first chunk
             log.info(
                 "model ready in %.1f s: %s %s, %d bits, weights %s, %s %s, spec %s (pid %d)",
                 time.monotonic() - start,
