@@ -12,6 +12,7 @@ Keys (all under ``imgenc:``, expiring after ``JOB_TTL`` seconds):
 - ``job:<id>:chunks``: chunk number -> JSON of its status counts.  HSET is idempotent, so
   a chunk done twice is counted once.
 - ``job:<id>:attempts``: chunk number -> deliveries so far.
+- ``job:<id>:errors``: chunk number -> retries for unexpected errors (``worker.retries``).
 - ``job:<id>:completions``: chunk number -> times it was recorded (1 unless a chunk was
   run twice to the end, which is harmless and counted here).
 - ``job:<id>:current``: chunk number -> the image a careful re-run is working on, left
@@ -167,7 +168,7 @@ class JobRegistry:
         return f"{PREFIX}job:{job_id}{':' + suffix if suffix else ''}"
 
     def _touch(self, pipe: Any, job_id: str) -> None:
-        for suffix in ("", "chunks", "attempts", "completions", "current", "strikes"):
+        for suffix in ("", "chunks", "attempts", "errors", "completions", "current", "strikes"):
             pipe.expire(self._key(job_id, suffix), JOB_TTL)
 
     # --- producer side -------------------------------------------------------------
@@ -219,6 +220,13 @@ class JobRegistry:
         if not data:
             raise KeyError(f"no job {job_id!r} in the registry")
         return data
+
+    def error_retries(self, job_id: str, chunk: int) -> int:
+        """How often the chunk was retried for an unexpected error (storage retries apart)."""
+        return int(self.r.hget(self._key(job_id, "errors"), str(chunk)) or 0)
+
+    def note_error_retry(self, job_id: str, chunk: int) -> int:
+        return int(self.r.hincrby(self._key(job_id, "errors"), str(chunk), 1))
 
     def next_attempt(self, job_id: str, chunk: int) -> int:
         self.r.hsetnx(self._key(job_id), "started_at", time.time())

@@ -18,9 +18,10 @@ root.  The worker:
 5. records the chunk's counts in the registry, and merges the manifest when it is the
    last; when images were ``missing``, checks once per job whether the image roots agree.
 
-Registry (Redis) errors requeue the chunk.  Any other unexpected error is retried
-``MAX_ERROR_RETRIES`` times with backoff, then every image of the chunk is written as
-``failed`` with the error, so that no image is ever left without a manifest row.
+What happens after a failure is ``worker.retries.RETRIES``'s decision: registry (Redis)
+errors requeue the chunk, storage errors retry it, any other unexpected error is retried a
+few times with backoff, then every image of the chunk is written as ``failed`` with the
+error, so that no image is ever left without a manifest row.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from typing import Any
 import numpy as np
 from celery.exceptions import Reject, Retry
 from celery.utils.log import get_task_logger
-from redis.exceptions import RedisError
 
 from encoder.images import ImageLoader, ImageStatus, LoadResult
 from encoder.manifest import merge_manifest
@@ -56,12 +56,11 @@ from jobs.messages import (
 from jobs.registry import JobRegistry
 from worker import leases  # noqa: F401  (connects the lease keeper to worker start)
 from worker.app import app
-from worker.retries import STORAGE_BACKOFF, TASK_RETRY_COUNTDOWN
+from worker.retries import RETRIES, Action
 from worker.state import WorkerState, get_state
 from worker.watchdog import WatchedLoader
 
 log: logging.Logger = get_task_logger("imgenc.worker")
-MAX_ERROR_RETRIES = 3  # unexpected errors: retried this often, then the images are `failed`
 
 
 class ChunkSink:
@@ -83,7 +82,7 @@ class ChunkSink:
         self.writer.add(results, codes)
 
     def flush(self) -> str | None:
-        return STORAGE_BACKOFF.run(self.writer.flush, what=self.what)
+        return RETRIES.storage.run(self.writer.flush, what=self.what)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -205,36 +204,42 @@ def encode_chunk(self: Any, **kwargs: Any) -> dict[str, int]:
         return _encode_chunk(self, message)
     except (Reject, Retry):
         raise
-    except RedisError as exc:
+    except Exception as exc:  # whatever it is, the policy decides; nothing is ever dropped
+        return _after_failure(self, message, exc)
+
+
+def _after_failure(task: Any, message: ChunkMessage, exc: Exception) -> dict[str, int]:
+    """Retry, requeue or give up on a chunk that failed with ``exc``, as ``RETRIES`` says."""
+    job_id, chunk = message.job_id, message.chunk
+    registry = get_state().registry
+    decision = RETRIES.retry_when(exc, lambda: registry.error_retries(job_id, chunk))
+    if decision.action is Action.REQUEUE:
         # Redis stayed down through the client's retries. Publishing a Celery retry would
         # need Redis too, and Celery drops a message whose retry it cannot publish; so
         # reject with requeue, which is never an ack: the message stays unacked in Redis
         # and comes back when its lease runs out (or at once, if the requeue goes through).
-        log.warning(
-            "job %s chunk %d: registry unreachable (%s); requeueing the chunk",
-            message.job_id,
-            message.chunk,
-            exc,
-        )
+        log.warning("job %s chunk %d: registry unreachable (%s); requeueing", job_id, chunk, exc)
         raise Reject(str(exc), requeue=True) from None
-    except Exception as exc:  # a bug or a model error: retry, then fail the images, never drop
-        retries = self.request.retries or 0
-        if retries < MAX_ERROR_RETRIES:
+    if decision.action is Action.RETRY:
+        if decision.counts_as_error:
+            done = registry.note_error_retry(job_id, chunk)
             log.exception(
-                "job %s chunk %d: %s; retry %d of %d",
-                message.job_id,
-                message.chunk,
-                exc,
-                retries + 1,
-                MAX_ERROR_RETRIES,
-            )
-            raise self.retry(exc=exc, countdown=TASK_RETRY_COUNTDOWN * 2**retries) from None
-        log.exception(
-            "job %s chunk %d: giving up after %d retries", message.job_id, message.chunk, retries
-        )
-        return _fail_chunk(
-            message, f"worker error: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-        )
+                "job %s chunk %d: %s; error retry %d of %d in %.0f s", job_id, chunk, exc,
+                done, RETRIES.max_error_retries, decision.countdown,
+            )  # fmt: skip
+        else:
+            log.error(
+                "job %s chunk %d: storage still failing (%s); the chunk will be retried in "
+                "%.0f s", job_id, chunk, exc, decision.countdown,
+            )  # fmt: skip
+        raise task.retry(exc=exc, countdown=decision.countdown) from None
+    log.exception(
+        "job %s chunk %d: giving up after %d error retries", job_id, chunk,
+        RETRIES.max_error_retries,
+    )  # fmt: skip
+    return _fail_chunk(
+        message, f"worker error: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    )
 
 
 def _encode_chunk(task: Any, message: ChunkMessage) -> dict[str, int]:
@@ -248,30 +253,17 @@ def _encode_chunk(task: Any, message: ChunkMessage) -> dict[str, int]:
     job = registry.job(job_id)
     sink = ChunkSink(state, message)
     timings = ""
-    try:
-        if message.fingerprint != state.encoder.spec.fingerprint:
-            _refuse_mismatched_spec(state, message, job, sink)
-        else:
-            deaths = attempt - 1 - (task.request.retries or 0)
-            if deaths > 0:
-                log.warning(
-                    "job %s chunk %d: delivery %d after %d lost deliveries; encoding "
-                    "one image at a time",
-                    job_id,
-                    chunk,
-                    attempt,
-                    deaths,
-                )
-            timings = _encode(state, message, job, deaths > 0, sink)
-    except StorageError as exc:
-        log.error(
-            "job %s chunk %d: storage still failing (%s); the chunk will be retried in %.0f s",
-            job_id,
-            chunk,
-            exc,
-            TASK_RETRY_COUNTDOWN,
-        )
-        raise task.retry(exc=exc, countdown=TASK_RETRY_COUNTDOWN) from None
+    if message.fingerprint != state.encoder.spec.fingerprint:
+        _refuse_mismatched_spec(state, message, job, sink)
+    else:
+        # Every delivery beyond the first that was not a Celery retry: a worker died on it.
+        deaths = attempt - 1 - (task.request.retries or 0)
+        if deaths > 0:
+            log.warning(
+                "job %s chunk %d: delivery %d after %d lost deliveries; encoding one image "
+                "at a time", job_id, chunk, attempt, deaths,
+            )  # fmt: skip
+        timings = _encode(state, message, job, deaths > 0, sink)
     registry.record_chunk(job_id, chunk, sink.counts)
     log.info(
         "job %s chunk %d: recorded %s (attempt %d; %s)",
@@ -307,7 +299,7 @@ def finalize_if_complete(state: WorkerState, job_id: str, dest: str) -> bool:
     if state.registry.is_merged(job_id):
         return True
     storage = state.storage(dest)
-    rows = STORAGE_BACKOFF.run(lambda: merge_manifest(storage), what=f"job {job_id} merge")
+    rows = RETRIES.storage.run(lambda: merge_manifest(storage), what=f"job {job_id} merge")
     fit_duplicate_threshold(state, job_id, storage)
     state.registry.mark_finished(job_id)
     log.info("job %s complete: manifest of %d rows merged into %s", job_id, len(rows), dest)
@@ -351,7 +343,7 @@ def finalize_job(self: Any, **kwargs: Any) -> bool:
     try:
         return finalize_if_complete(get_state(), message.job_id, message.dest)
     except StorageError as exc:
-        raise self.retry(exc=exc, countdown=TASK_RETRY_COUNTDOWN) from None
+        raise self.retry(exc=exc, countdown=RETRIES.storage_countdown) from None
 
 
 @app.task(name=ENCODE_IMAGES, bind=True, ignore_result=False, acks_late=True)
