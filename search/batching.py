@@ -4,6 +4,7 @@ A model encodes a batch of 8 images in much less than 8 times the time of one, s
 several users query at once, their images are gathered for up to ``max_wait`` seconds
 (or until ``max_batch`` items) and handed to ``process`` together, in one thread.  Each
 caller gets a ``Future`` for its own item.  A lone request waits at most ``max_wait``.
+``start`` and ``stop`` run and end the thread (the service's lifespan calls them).
 """
 
 from __future__ import annotations
@@ -34,9 +35,20 @@ class MicroBatcher(Generic[Item, Result]):
         self.max_wait = max_wait
         self.batches = 0  # calls of `process`
         self.items = 0  # items processed
-        self._queue: queue.Queue[tuple[Item, Future[Result]]] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
-        self._thread.start()
+        self._queue: queue.Queue[tuple[Item, Future[Result]] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the thread after the items already submitted."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+            self._thread = None
 
     def submit(self, item: Item) -> Future[Result]:
         future: Future[Result] = Future()
@@ -45,16 +57,21 @@ class MicroBatcher(Generic[Item, Result]):
 
     def _run(self) -> None:
         while True:
-            batch = [self._queue.get()]
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
             deadline = time.monotonic() + self.max_wait
             while len(batch) < self.max_batch:
                 left = deadline - time.monotonic()
                 try:
-                    batch.append(
-                        self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
-                    )
+                    item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
+                if item is None:  # stop: answer this batch, then end
+                    self._queue.put(None)
+                    break
+                batch.append(item)
             items = [item for item, _ in batch]
             try:
                 results = self.process(items)

@@ -100,7 +100,13 @@ class FaissFlat:
 
         twin = object.__new__(type(self))
         twin.__dict__.update(self.__dict__)
-        twin._index = faiss.clone_binary_index(self._index) if len(self) else self._new()
+        # Through faiss's own serialisation: clone_binary_index knows no loaded IDMap2.
+        twin._index = (
+            faiss.deserialize_index_binary(faiss.serialize_index_binary(self._index))
+            if len(self)
+            else self._new()
+        )
+        twin._configure(twin._index)
         return twin
 
     def exact_copy(self) -> FaissFlat:
@@ -154,7 +160,6 @@ class FaissHNSW(FaissFlat):
         inner = faiss.downcast_IndexBinary(index.index)
         if getattr(inner, "hnsw", None) is None:
             raise ValueError("a saved faiss index that is not HNSW")
-        index.index = inner
         inner.hnsw.efSearch = self.ef_search
 
     def search(self, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

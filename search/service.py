@@ -17,14 +17,18 @@ Endpoints:
 Query images are encoded through a ``MicroBatcher``: uploads that arrive together share
 one model call.  The encoder is the destination's model in this process, or the Celery
 workers (``--workers``).  A background thread brings the index up to date with the
-destination every ``refresh_seconds``.  ``auth=(user, password)`` puts everything but
-``/healthz`` behind HTTP basic auth.
+destination every ``refresh_seconds``; the app's lifespan starts and stops both threads.
+``auth=(user, password)`` puts everything but ``/healthz`` behind HTTP basic auth
+(Starlette's ``AuthenticationMiddleware``); uploads are capped by ``UploadCap``, a route
+dependency.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
+import contextlib
 import hashlib
 import hmac
 import io
@@ -33,14 +37,24 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request, UploadFile
+from fastapi import Depends, FastAPI, HTTPException, Request, UploadFile
 from fastapi import Query as QueryParam
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.authentication import (
+    AuthCredentials,
+    AuthenticationBackend,
+    AuthenticationError,
+    SimpleUser,
+)
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.requests import HTTPConnection
 
 from encoder.images import ImageLoader
 from encoder.storage import StorageError
@@ -89,10 +103,25 @@ class SearchService:
         self._duplicates: dict[tuple[str, int | None], DuplicateGroups] = {}
         self.refresh_seconds = refresh_seconds
         self.checked_at = time.time()  # when the index was last compared with DEST
-        if refresh_seconds > 0:
-            threading.Thread(
-                target=self._keep_fresh, args=(refresh_seconds,), name="index-refresh", daemon=True
-            ).start()
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the batching thread and, with ``refresh_seconds``, the refresh thread."""
+        self._stop.clear()
+        self.batcher.start()
+        if self.refresh_seconds > 0:
+            self._refresher = threading.Thread(
+                target=self._keep_fresh, name="index-refresh", daemon=True
+            )
+            self._refresher.start()
+
+    def stop(self) -> None:
+        """Stop both threads; queries already batched are answered first."""
+        self._stop.set()
+        self.batcher.stop()
+        if self._refresher is not None:
+            self._refresher.join(timeout=10)
 
     def _answer(self, queries: list[Query]) -> list[QueryResult]:
         k = max(q.k for q in queries)
@@ -102,9 +131,8 @@ class SearchService:
             answer.results = answer.results[: query.k]
         return answers
 
-    def _keep_fresh(self, seconds: float) -> None:
-        stop = threading.Event()
-        while not stop.wait(seconds):
+    def _keep_fresh(self) -> None:
+        while not self._stop.wait(self.refresh_seconds):
             try:
                 changed = self.index.refresh(save=False)
                 self.checked_at = time.time()
@@ -172,15 +200,90 @@ class SearchService:
         }
 
 
+class UploadCap:
+    """A route dependency: the request, its body read up to ``limit`` bytes.  Over the
+    limit, 413, from ``Content-Length`` before anything is read, or as soon as a body
+    without one has streamed past it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    async def __call__(self, request: Request) -> Request:
+        detail = f"upload over the {self.limit}-byte limit"
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.limit:
+            raise HTTPException(413, detail)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.limit:
+                raise HTTPException(413, detail)
+
+        async def replay() -> dict[str, Any]:
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        return Request(request.scope, replay)
+
+
+class BasicAuthBackend(AuthenticationBackend):
+    """HTTP basic auth for Starlette's ``AuthenticationMiddleware``: one user, everything
+    but ``/healthz``."""
+
+    def __init__(self, user: str, password: str) -> None:
+        self.user, self.password = user, password
+
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser] | None:
+        if conn.url.path == "/healthz":
+            return None
+        scheme, _, encoded = conn.headers.get("authorization", "").partition(" ")
+        try:
+            user, _, password = base64.b64decode(encoded).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            user = password = ""
+        good = hmac.compare_digest(
+            f"{user}:{password}".encode(), f"{self.user}:{self.password}".encode()
+        )
+        if scheme.lower() != "basic" or not good:
+            raise AuthenticationError("authentication required")
+        return AuthCredentials(["authenticated"]), SimpleUser(user)
+
+
+def _refuse(conn: HTTPConnection, exc: Exception) -> JSONResponse:
+    return JSONResponse(
+        {"detail": str(exc)}, 401, headers={"WWW-Authenticate": 'Basic realm="imgenc"'}
+    )
+
+
 def create_app(
     service: SearchService,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     auth: tuple[str, str] | None = None,
     query_timeout: float = 60.0,
-) -> Any:
-    app = FastAPI(title="imgenc search", docs_url=None, redoc_url=None, openapi_url=None)
+) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        service.start()
+        try:
+            yield
+        finally:
+            service.stop()
+
+    middleware = []
+    if auth is not None:
+        middleware.append(
+            Middleware(AuthenticationMiddleware, backend=BasicAuthBackend(*auth), on_error=_refuse)
+        )
+    app = FastAPI(
+        title="imgenc search",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        lifespan=lifespan,
+        middleware=middleware,
+    )
     app.state.service = service
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    capped_upload = Depends(UploadCap(max_upload_bytes))
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -191,7 +294,9 @@ def create_app(
         return service.health()
 
     @app.post("/search")
-    async def search(request: Request, k: int = QueryParam(10, ge=1, le=MAX_K)) -> Response:
+    async def search(
+        request: Request = capped_upload, k: int = QueryParam(10, ge=1, le=MAX_K)
+    ) -> Response:
         form = await request.form(max_files=1, max_fields=4)
         upload = form.get("image")
         if not isinstance(upload, UploadFile) and not hasattr(upload, "read"):
@@ -244,77 +349,7 @@ def create_app(
             raise HTTPException(404, f"no thumbnail for {image_id!r}")
         return Response(data, media_type="image/jpeg", headers=headers)
 
-    wrapped: Any = app
-    wrapped = UploadLimit(wrapped, max_upload_bytes)
-    if auth is not None:
-        wrapped = BasicAuth(wrapped, *auth)
-    return wrapped
-
-
-class UploadLimit:
-    """ASGI middleware: a request body over ``limit`` bytes gets 413, from its
-    ``Content-Length`` before anything is read, or as soon as a body without one has
-    streamed past the limit (the form parser then stops)."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        from starlette.exceptions import HTTPException
-
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        detail = f"upload over the {self.limit}-byte limit"
-        length = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.limit:
-            return await _reply(send, 413, detail)
-        seen = 0
-
-        async def counted_receive() -> dict:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise HTTPException(413, detail)
-            return message
-
-        await self.app(scope, counted_receive, send)
-
-
-class BasicAuth:
-    """ASGI middleware: HTTP basic auth on everything but ``/healthz``."""
-
-    def __init__(self, app: Any, user: str, password: str) -> None:
-        self.app = app
-        self.expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope.get("path") != "/healthz":
-            given = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(given.encode(), self.expected.encode()):
-                return await _reply(
-                    send,
-                    401,
-                    "authentication required",
-                    {b"www-authenticate": b'Basic realm="imgenc"'},
-                )
-        await self.app(scope, receive, send)
-
-
-async def _reply(send: Any, status: int, detail: str, headers: dict | None = None) -> None:
-    import json
-
-    body = json.dumps({"detail": detail}).encode()
-    extra = list((headers or {}).items())
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), *extra],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    return app
 
 
 def is_loopback(host: str) -> bool:
