@@ -182,6 +182,7 @@ BACKBONES: dict[str, Backbone] = {
             "encoder.backbones:stub_model",
             "encoder.backbones:unit_scale",
             0.0,
+            settings_used=("stub_delay",),
         ),
     )
 }
