@@ -30,13 +30,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"folder of photos [../{SHARED_PHOTOS_NAME}/images beside the checkout, if there; "
         f"with --quick and neither, the sample photos in {SAMPLE_PHOTOS_NAME}]",
     )
-    parser.add_argument("-n", type=int, help="number of photos [1000; 8 with --quick]")
+    parser.add_argument("-n", type=int, help="number of photos [1000; 16 with --quick]")
     parser.add_argument("--quick", action="store_true", help="a few photos, every measurement")
     parser.add_argument(
         "--weights",
         default="random",
-        help="imagenet or a weights file, for the steps that encode photos (the dedup "
-        "thresholds and recall depend on them; speed does not) [random]",
+        help="imagenet or a weights file, for the speed steps that encode photos (speed "
+        "does not depend on them; the quality step always uses efficientnet_lite0's "
+        "ImageNet weights) [random]",
     )
     parser.add_argument("--json", default="bench-results.json", help="where to write the table")
     parser.add_argument(
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"images: {photos.description}; weights: {args.weights} (speed does not depend "
-            "on the weights' values)"
+            "on the weights' values; quality: efficientnet_lite0, ImageNet weights)"
         )
         start = time.monotonic()
         for step in measure.steps_to_run(args.only):

@@ -46,16 +46,16 @@ LITE = {"backbone": "efficientnet_lite0", "weights": "imagenet"}
 K = 10
 DROPPED_LABELS = ("Not sure", "Skip", "Other")
 COPIED = 100  # photos copied in every kind
-# (edit, JPEG quality): the fit's kinds with other parameters than its own (quality 30,
+# (what, edit, JPEG quality): the fit's kinds with other parameters than its own (quality 30,
 # half size, 90% crop, 5 degrees with the border colour, 25% brighter, quality 95).
-BENCH_COPIES: dict[str, tuple[Callable[[Image.Image], Image.Image], int]] = {
-    "jpeg": (lambda p: p, 35),
-    "half": (lambda p: p.resize((max(1, p.width * 45 // 100), max(1, p.height * 45 // 100))), 90),
-    "crop": (lambda p: _crop(p, 0.88), 90),
-    "rotate": (lambda p: p.rotate(4, Image.Resampling.BICUBIC, fillcolor=(255, 255, 255)), 90),
-    "bright": (lambda p: ImageEnhance.Brightness(p).enhance(1.2), 90),
-    "grey": (lambda p: ImageOps.grayscale(p).convert("RGB"), 90),
-    "mirror": (ImageOps.mirror, 90),
+BENCH_COPIES: dict[str, tuple[str, Callable[[Image.Image], Image.Image], int]] = {
+    "jpeg": ("JPEG q35", lambda p: p, 35),
+    "half": ("45% size", lambda p: p.resize((p.width * 45 // 100, p.height * 45 // 100)), 90),
+    "crop": ("88% centre crop", lambda p: _crop(p, 0.88), 90),
+    "rotate": ("4°, white corners", lambda p: p.rotate(4, Image.BICUBIC, fillcolor="white"), 90),
+    "bright": ("20% brighter", lambda p: ImageEnhance.Brightness(p).enhance(1.2), 90),
+    "grey": ("greyscale", lambda p: ImageOps.grayscale(p).convert("RGB"), 90),
+    "mirror": ("mirrored", ImageOps.mirror, 90),
 }
 assert set(BENCH_COPIES) == set(COPY_KINDS), "a copy kind without a bench copy"
 
@@ -137,7 +137,7 @@ def make_catalogue(ctx: Context) -> tuple[Path, dict[str, tuple[str, str]]]:
     made = {}
     for name in ctx.files[:: max(1, len(ctx.files) // COPIED)][:COPIED]:
         picture = open_picture((ctx.images / name).read_bytes())
-        for kind, (edit, quality) in BENCH_COPIES.items():
+        for kind, (_, edit, quality) in BENCH_COPIES.items():
             copy = f"{Path(name).stem}__{kind}.jpg"
             edit(picture).save(folder / copy, "JPEG", quality=quality)
             made[copy] = (name, kind)
@@ -181,18 +181,23 @@ def near_duplicates(ctx: Context, encoder: Any, clean_index: Any, catalogue: Pat
     from search.duplicate_fit import TooFewImages
     from search.index import Index
 
-    chosen = encoder.settings
-    layout = chosen.layout
-
+    chosen, layout = encoder.settings, encoder.settings.layout
     dest = ctx.work / f"quality-catalogue-{layout}"
     encode_folder(catalogue, str(dest), chosen, progress=False, encoder=encoder)
     index = Index.open(str(dest), save=False)
-    fit = fitted(ctx, index, encoder, chosen)
+    try:
+        fit = fitted(ctx, index, encoder, chosen)
+    except TooFewImages as exc:  # fewer than 100 images: a few photos, -n 8
+        print(f"  (no near-duplicate figures for {layout} codes: {exc})")
+        return
     bits, photos, at_fit = fit.bits, len(ctx.files), f"fitted ({fit.max_distance} bits)"
     try:
         clean = fitted(ctx, clean_index, encoder, chosen)
         name = f"fitted max distance, {layout}, the photos alone ({len(clean_index)})"
-        note = f"{clean.max_distance / bits:.2%} of the bits; limited by {clean.limited_by}"
+        note = (
+            f"{clean.max_distance / bits:.2%} of the bits, limited by {clean.limited_by}; "
+            f"{clean.copies_in_catalogue} close neighbours passed over as copies"
+        )
         ctx.add(Row("near-dup", name, clean.max_distance, "bits", note=note))
     except TooFewImages as exc:
         clean = None
@@ -201,14 +206,15 @@ def near_duplicates(ctx: Context, encoder: Any, clean_index: Any, catalogue: Pat
     ratio = fit.max_distance / clean.max_distance if clean and clean.max_distance else None
     note = (
         f"{fit.max_distance / bits:.2%} of {bits:,} bits, limited by {fit.limited_by}; "
-        f"{fit.copies_in_catalogue} copies passed over; the fit expects to find "
-        f"{fit.found_all:.3f} of copies and pair {fit.false_pairs:.3f} of images"
+        f"{fit.copies_in_catalogue} close neighbours passed over as copies; the fit expects "
+        f"to find {fit.found_all:.3f} of copies and pair {fit.false_pairs:.3f} of images"
     )
     ctx.add(Row("near-dup", name, fit.max_distance, "bits", ratio, "the photos alone", note))
     found, merged = truth(index, made, photos, None)
     for kind, share in found.items():
-        name = f"{kind} copies grouped with their photo, {layout}, {at_fit}"
-        note = f"fit expected {fit.found.get(kind, 0):.2f} ({COPY_KINDS[kind].description})"
+        name = f"{kind} copies ({BENCH_COPIES[kind][0]}) grouped with their photo, {layout}"
+        expected, own = fit.found.get(kind, 0), COPY_KINDS[kind].description
+        note = f"at the fitted {fit.max_distance} bits; the fit expected {expected:.2f} ({own})"
         ctx.add(Row("near-dup", name, share, "share", note=note))
     others = {round(fit.max_distance * 0.8), round(fit.max_distance * 1.2)} - {fit.max_distance}
     for distance in [fit.max_distance, *sorted(others)]:
@@ -242,7 +248,7 @@ def quality(ctx: Context) -> None:
         index = Index.open(str(dest), save=False)
         if layout in numpy_cases:
             through_product(ctx, index, names, y, numpy_cases[layout])
-        near_duplicates(ctx, encoders[layout], index, catalogue, made)
+        near_duplicates(ctx, encoder, index, catalogue, made)
         shutil.rmtree(dest, ignore_errors=True)
 
 

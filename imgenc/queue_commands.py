@@ -58,7 +58,12 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     }
     try:
         job = enqueue(
-            args.image_dir, args.out, settings=args.settings, resume=args.resume, stop=stop
+            args.image_dir,
+            args.out,
+            settings=args.settings,
+            resume=args.resume,
+            stop=stop,
+            dedup_fit=not args.no_dedup_fit,
         )
     except (SpecMismatch, NotADirectoryError, FileNotFoundError, ValueError) as exc:
         print(f"imgenc: error: {exc}", file=sys.stderr)
@@ -147,6 +152,11 @@ def add_commands(sub: argparse._SubParsersAction, add_model_args: AddModelArgs) 
     enqueue.add_argument("--wait", action="store_true", help="follow the job until it is done")
     enqueue.add_argument(
         "--strict", action="store_true", help="with --wait: exit 1 if any image failed"
+    )
+    enqueue.add_argument(
+        "--no-dedup-fit",
+        action="store_true",
+        help="do not fit the near-duplicate threshold on the destination at the end",
     )
     enqueue.add_argument("--no-progress", action="store_true")
     add_model_args(enqueue)

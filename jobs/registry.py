@@ -181,6 +181,7 @@ class JobRegistry:
         image_root: str,
         queue: str,
         producer_host: str = "",
+        dedup_fit: bool = True,
     ) -> None:
         now = time.time()
         with self.r.pipeline() as pipe:
@@ -193,6 +194,7 @@ class JobRegistry:
                     "image_root": image_root,
                     "producer_host": producer_host,
                     "queue": queue,
+                    "dedup_fit": int(dedup_fit),  # fit the near-duplicate threshold at the end
                     "enqueued": 0,
                     "chunks": 0,
                     "scanning": 1,

@@ -118,6 +118,7 @@ def enqueue(
     resume: bool = False,
     image_root: str | Path | None = None,
     stop: threading.Event | None = None,
+    dedup_fit: bool = True,
     **model: Any,
 ) -> Job:
     """Register a job and enqueue every image under ``image_dir``; returns the ``Job``.
@@ -130,6 +131,9 @@ def enqueue(
 
     ``stop``, when set (the CLI sets it on Ctrl-C and SIGTERM), ends the enqueueing at the
     next chunk boundary: the job keeps what was sent and ``EnqueueInterrupted`` is raised.
+
+    ``dedup_fit=False`` skips the job's last step, the near-duplicate threshold fitted on
+    the destination by a worker.
     """
     settings = (settings or process_settings()).override(
         {
@@ -160,6 +164,7 @@ def enqueue(
         str(root),
         settings.queue,
         producer_host=socket.gethostname(),
+        dedup_fit=dedup_fit,
     )
     app = make_app(settings)
     skipped = 0

@@ -56,7 +56,7 @@ COPIES_SAMPLE = 100  # originals copied in every kind
 PAIRS_SAMPLE = 2000  # images whose distinct distance is measured
 NEIGHBOURS = 16  # neighbours looked at per image for a distinct one
 DEFAULT_TARGET = 0.01  # the share of distinct images the threshold may pair
-CHECK_SIDE = 256  # pixels: pictures are decoded this small for the pixel check
+CHECK_SIDE = 96  # pixels: pictures are decoded this small for the pixel check
 ENCODE_BATCH = 32
 
 
@@ -90,8 +90,10 @@ class DuplicateThreshold:
     images: int  # images in the destination when fitted
     copies_sampled: int  # originals copied
     pairs_sampled: int  # images whose distinct distance was measured
-    copies_in_catalogue: int  # close neighbours recognised as copies and passed over
-    limited_by: str  # "false pairs" or "farthest copy"
+    # Close neighbours recognised as copies and passed over (one copy counts once for each
+    # sampled image it is a neighbour of).
+    copies_in_catalogue: int
+    limited_by: str  # "false pairs", "farthest copy" or "half the bits"
     fitted_at: float = field(default_factory=time.time)
     method: str = "copies of a sample; distinct distances with pixel-checked copies passed over"
 
@@ -277,7 +279,7 @@ def fit_threshold(
     allowed = int(np.floor(target * len(distinct)))  # images that may be paired
     # The largest distance that pairs at most `allowed` images: just below the next one.
     by_pairs = int(distinct[allowed]) - 1 if allowed < len(distinct) else bits // 2
-    threshold = max(0, min(by_pairs, cap))
+    threshold = max(0, min(by_pairs, cap, bits // 2))  # beyond half the bits: unrelated codes
     found = {k: float(np.mean(np.asarray(copies[k]) <= threshold)) for k in kinds if copies[k]}
     return DuplicateThreshold(
         max_distance=threshold,
@@ -291,7 +293,9 @@ def fit_threshold(
         copies_sampled=len(copies[kinds[0]]) if kinds else 0,
         pairs_sampled=len(distinct),
         copies_in_catalogue=distinct_finder.copies_seen,
-        limited_by="false pairs" if by_pairs <= cap else "farthest copy",
+        limited_by=min(
+            (by_pairs, "false pairs"), (cap, "farthest copy"), (bits // 2, "half the bits")
+        )[1],
     )
 
 

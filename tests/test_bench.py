@@ -30,7 +30,6 @@ def test_bench_quick_runs_every_measurement_and_writes_the_table(tmp_path):
         "queue",
         "notebook",
         "bf16",
-        "lsh",
         "cost",
         "search",
         "serve",
@@ -38,6 +37,9 @@ def test_bench_quick_runs_every_measurement_and_writes_the_table(tmp_path):
         "runtime",
         "runtime-fidelity",
         "runtime-cost",
+        "quality",
+        "near-dup",
+        "backbones",
     }
     for row in table["rows"]:
         assert row["value"] is not None and math.isfinite(row["value"]) and row["value"] >= 0, row

@@ -42,9 +42,12 @@ def test_many_images_through_two_workers_complete_once_each_with_flat_worker_mem
     registry = JobRegistry.from_url(redis_server.url)
     out = tmp_path / "out"
     try:
+        # The queue path is under test: the job's near-duplicate fit (a search index and
+        # a model run on one worker at the end) would be memory of another kind.
         job = producer.enqueue(
-            folder, str(out), broker=redis_server.url, chunk=100, backbone="stub", weights="random"
-        )
+            folder, str(out), broker=redis_server.url, chunk=100, backbone="stub",
+            weights="random", dedup_fit=False,
+        )  # fmt: skip
 
         def sample() -> None:
             while not stop.is_set():

@@ -314,11 +314,14 @@ def fit_duplicate_threshold(state: WorkerState, job_id: str, storage: Any) -> No
     from search.duplicate_fit import TooFewImages, fit_destination, fit_is_current
 
     settings = state.settings
+    job = state.registry.job(job_id)
+    if job.get("dedup_fit", "1") == "0":
+        return
     try:
         index = Index.open(storage)
         if fit_is_current(index):
             return
-        root, _ = state.image_root.for_job(state.registry.job(job_id))
+        root, _ = state.image_root.for_job(job)
         fit = fit_destination(
             index,
             state.encoder,
