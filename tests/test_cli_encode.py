@@ -285,3 +285,30 @@ def test_imagenet_download_failure_exits_with_one_paragraph_not_a_traceback(jpeg
         "--no-progress",
     )  # fmt: skip
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+TF_START_UP = ("absl::InitializeLog", "oneDNN custom operations", "cuda drivers", "cuInit",
+               "cpu_feature_guard", "rebuild TensorFlow")  # fmt: skip
+
+
+def test_imgenc_encode_prints_no_tensorflow_start_up_line(tmp_path):
+    folder = tmp_path / "images"
+    write_jpegs(folder, 1)
+    run = imgenc("encode", str(folder), "--out", str(tmp_path / "out"), "--backbone", "stub",
+                 "--weights", "random", "--no-progress")  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    noise = [line for line in run.stderr.splitlines() if any(s in line for s in TF_START_UP)]
+    assert noise == []
+    assert "imgenc: manifest: 1 rows" in run.stderr  # the command's own lines still show
+
+
+def test_the_start_up_filter_lets_every_other_stderr_line_through(tmp_path):
+    script = (
+        "import os; from encoder.tensorflow_import import known_noise_filtered\n"
+        "with known_noise_filtered():\n"
+        "    os.write(2, b'I0000 00:00:1.2 42 port.cc:153] oneDNN custom operations are on\\n')\n"
+        "    os.write(2, b'W0000 00:00:1.2 42 op_kernel.cc:9] a real warning\\n')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.splitlines() == ["W0000 00:00:1.2 42 op_kernel.cc:9] a real warning"]
