@@ -5,6 +5,7 @@ Layout of a destination (local directory or S3 prefix)::
     spec.json                 the code spec (encoder.spec.CodeSpec)
     center.npy                the centre (only for --center codes; its SHA-256 is in the spec)
     calibration.npz           the int8 calibration sample (only for int8 codes; hashed likewise)
+    planes.npz                the fitted planes (only for --planes codes; hashed likewise)
     codes/<shard>.npy         uint8 (n, bytes_per_code) bit-packed codes, one row per ok image
     parts/<shard>.csv         manifest rows for that shard, written after the shard
     manifest.csv              all parts merged: one row per image id
@@ -43,6 +44,7 @@ COLUMNS = (
 SPEC_KEY = "spec.json"
 CENTER_KEY = "center.npy"  # the mean feature subtracted before hashing, when --center is used
 CALIBRATION_KEY = "calibration.npz"  # the int8 calibration sample, when --precision int8
+PLANES_KEY = "planes.npz"  # the fitted planes, when --planes
 MANIFEST_KEY = "manifest.csv"
 PARTS_PREFIX = "parts"
 CODES_PREFIX = "codes"

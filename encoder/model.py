@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from encoder.backbones import WeightsUnavailable, get_backbone
+from encoder.fitted_planes import read_planes
 from encoder.random_weights import randomize
 from encoder.settings import Settings
 from encoder.tensorflow_import import tensorflow
@@ -95,12 +96,19 @@ def build_model(settings: Settings, center: np.ndarray | None = None) -> Any:
         features = _extractor(settings)(backbone.preprocess()(pixels))
         if settings.layout == "pooled":
             features = keras.layers.GlobalAveragePooling2D(name="pool")(features)
-        hashing = HyperplaneHashing(
-            settings.bits,
-            settings.seed,
-            center=None if center is None else [float(v) for v in center],
-            name=HASHING_LAYER,
-        )
+        if settings.planes:
+            fitted = read_planes(settings.planes)
+            hashing = HyperplaneHashing(
+                settings.bits, settings.seed, learned=True, planes=fitted.planes,
+                offset=fitted.offset, name=HASHING_LAYER,
+            )  # fmt: skip
+        else:
+            hashing = HyperplaneHashing(
+                settings.bits,
+                settings.seed,
+                center=None if center is None else [float(v) for v in center],
+                name=HASHING_LAYER,
+            )
         codes = hashing(features)
         return keras.Model(pixels, codes, name=f"imgenc_{backbone.name}_{settings.layout}")
     finally:

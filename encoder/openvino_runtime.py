@@ -34,6 +34,7 @@ from encoder.backbones import get_backbone
 from encoder.calibrate import load_calibration
 from encoder.centering import load_center
 from encoder.codes import pack_bits
+from encoder.fitted_planes import read_planes
 from encoder.model import build_model, feature_model
 from encoder.planes import hash_features, hyperplanes
 from encoder.runtime import warm_up
@@ -69,8 +70,12 @@ class OpenVinoEncoder:
         self.spec: CodeSpec = spec_for(settings)
         self.backbone = get_backbone(settings.backbone)
         self.empty_codes = np.zeros((0, self.spec.bytes_per_code), np.uint8)
-        self.planes = hyperplanes(self.backbone.channels, settings.bits, settings.seed)
-        self.center = load_center(settings.center) if settings.center else None
+        if settings.planes:  # fitted: their own planes and offset
+            fitted = read_planes(settings.planes)
+            self.planes, self.center = fitted.planes, fitted.offset
+        else:
+            self.planes = hyperplanes(self.backbone.channels, settings.bits, settings.seed)
+            self.center = load_center(settings.center) if settings.center else None
         self.performance_hint = performance_hint
         start = time.monotonic()
         self.cache_path, self.cache_hit = self._cached_model_path(ov), False
@@ -125,7 +130,7 @@ class OpenVinoEncoder:
 
     def _convert(self, ov: Any) -> Any:
         full = build_model(
-            self.settings.replace(precision="fp32", center=None, runtime="tensorflow")
+            self.settings.replace(precision="fp32", center=None, planes=None, runtime="tensorflow")
         )
         extractor = feature_model(full)
         size = self.input_size

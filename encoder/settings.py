@@ -23,6 +23,7 @@ from encoder.copies import parse_kinds
 ENV_PREFIX = "IMGENC_"
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 
+DEFAULT_BITS = 500
 LAYOUTS = ("spatial", "pooled")
 RUNTIMES = ("tensorflow", "openvino")
 PRECISIONS = ("fp32", "bf16", "int8")  # int8: OpenVINO only, from a calibration sample
@@ -35,11 +36,12 @@ class Settings:
     # --- the model: these decide what a code means (see encoder.spec) ---
     backbone: str = "vgg16"
     layout: str = "spatial"
-    bits: int = 500
+    bits: int = DEFAULT_BITS
     seed: int = 628  # seeds the hyperplanes, and the backbone itself under --weights random
     weights: str = "imagenet"  # "imagenet", "random" or a path to a Keras weights file
     precision: str = "fp32"
     center: str | None = None  # path to a centre file from `imgenc fit-center`, or None
+    planes: str | None = None  # a planes file from `imgenc fit-planes` (its bits win)
     runtime: str = "tensorflow"  # or "openvino" (CPU workers; fp32, bf16 or int8)
     calibration: str | None = None  # int8: the sample from `imgenc calibrate`
     model_cache: str | None = None  # where OpenVINO keeps converted models [~/.cache/imgenc]
@@ -78,6 +80,8 @@ class Settings:
         for name in ("bits", "batch", "decode_threads", "chunk", "max_strikes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.planes:
+            self._take_bits_from_the_planes_file()
         parse_kinds(self.dedup_kinds)
         if not 0 < self.dedup_false_pairs < 0.5:
             raise ValueError(
@@ -88,6 +92,22 @@ class Settings:
                 f"visibility_timeout must be at least 6 s (leases are renewed every sixth of "
                 f"it), not {self.visibility_timeout}"
             )
+
+    def _take_bits_from_the_planes_file(self) -> None:
+        from encoder.fitted_planes import read_planes_info
+
+        if self.center:
+            raise ValueError(
+                "--planes and --center both give an offset: a planes file has its own (fit "
+                "one with `imgenc fit-planes --method center` to centre random planes)"
+            )
+        bits = read_planes_info(self.planes).bits
+        if self.bits != bits:
+            if self.bits != DEFAULT_BITS:
+                raise ValueError(
+                    f"--bits {self.bits}, but the planes file {self.planes} has {bits}"
+                )
+            object.__setattr__(self, "bits", bits)  # the planes decide the bits
 
     @property
     def lease_interval(self) -> float:

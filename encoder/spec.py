@@ -19,7 +19,8 @@ from typing import Any
 
 from encoder.backbones import get_backbone
 from encoder.calibrate import load_calibration
-from encoder.planes import planes_sha256
+from encoder.fitted_planes import read_planes
+from encoder.planes import planes_sha256 as planes_sha256_of
 from encoder.random_weights import RANDOM_WEIGHTS_ID
 from encoder.settings import Settings
 
@@ -39,10 +40,17 @@ COMPAT_FIELDS = (
     "center_sha256",
     "runtime",
     "calibration_sha256",
+    "planes_method",
+    "planes_file_sha256",
 )
 # Fields added after specs were first written: left out of the fingerprint while they hold
 # their default, so that codes written before them keep their fingerprint.
-LATER_FIELDS = {"runtime": "tensorflow", "calibration_sha256": None}
+LATER_FIELDS = {
+    "runtime": "tensorflow",
+    "calibration_sha256": None,
+    "planes_method": "random",
+    "planes_file_sha256": None,
+}
 
 
 class SpecMismatch(Exception):
@@ -67,6 +75,8 @@ class CodeSpec:
     center_sha256: str | None = None
     runtime: str = "tensorflow"
     calibration_sha256: str | None = None  # int8: the SHA-256 of the calibration sample
+    planes_method: str = "random"  # or "center" / "itq": fitted by `imgenc fit-planes`
+    planes_file_sha256: str | None = None  # the planes file's SHA-256, when fitted
     spec_version: int = SPEC_VERSION
     libraries: dict[str, str] = field(default_factory=dict)
 
@@ -161,13 +171,21 @@ def spec_for(settings: Settings) -> CodeSpec:
     n_bits_total = 1
     for n in code_shape:
         n_bits_total *= n
+    weights = weights_identity(settings.weights, backbone.name)
+    planes_sha256 = planes_sha256_of(backbone.channels, settings.bits, settings.seed)
+    planes_method, planes_file = "random", None
+    if settings.planes:
+        fitted = read_planes(settings.planes)
+        fitted.check_fits(backbone.name, settings.layout, weights, settings.bits)
+        planes_sha256 = hashlib.sha256(fitted.planes.tobytes()).hexdigest()
+        planes_method, planes_file = fitted.info.method, file_sha256(settings.planes)
     return CodeSpec(
         backbone=backbone.name,
         layout=settings.layout,
         n_bits=settings.bits,
         seed=settings.seed,
-        planes_sha256=planes_sha256(backbone.channels, settings.bits, settings.seed),
-        weights=weights_identity(settings.weights, backbone.name),
+        planes_sha256=planes_sha256,
+        weights=weights,
         input_size=backbone.input_size,
         resize=RESIZE_METHOD,
         precision=settings.precision,
@@ -180,6 +198,8 @@ def spec_for(settings: Settings) -> CodeSpec:
             if settings.calibration and settings.precision == "int8"
             else None
         ),
+        planes_method=planes_method,
+        planes_file_sha256=planes_file,
         libraries=library_versions(),
     )
 
@@ -190,6 +210,7 @@ def settings_for_spec(
     weights: str | None = None,
     center: str | None = None,
     calibration: str | None = None,
+    planes: str | None = None,
 ) -> Settings:
     """``base`` with the model settings that reproduce ``spec`` (to encode queries that
     meet stored codes).  ``weights`` names the weights file when the codes were made with
@@ -209,6 +230,8 @@ def settings_for_spec(
         raise SpecMismatch("the codes are centred; the destination's center.npy is needed")
     if spec.calibration_sha256 and not calibration:
         raise SpecMismatch("the codes are int8; the destination's calibration.npz is needed")
+    if spec.planes_file_sha256 and not planes:
+        raise SpecMismatch("the codes use fitted planes; the destination's planes.npz is needed")
     settings = base.replace(
         backbone=spec.backbone,
         layout=spec.layout,
@@ -219,6 +242,7 @@ def settings_for_spec(
         center=center,
         runtime=spec.runtime,
         calibration=calibration,
+        planes=planes,
     )
     spec.check_compatible(spec_for(settings), what="the stored codes and this query encoder")
     return settings

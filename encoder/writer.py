@@ -23,6 +23,7 @@ from encoder.manifest import (
     CENTER_KEY,
     CODES_PREFIX,
     PARTS_PREFIX,
+    PLANES_KEY,
     SPEC_KEY,
     Row,
     done_keys,
@@ -34,13 +35,17 @@ from encoder.storage import Storage, open_storage
 
 
 def ensure_spec(
-    storage: Storage, spec: CodeSpec, center: str | None = None, calibration: str | None = None
+    storage: Storage,
+    spec: CodeSpec,
+    center: str | None = None,
+    calibration: str | None = None,
+    planes: str | None = None,
 ) -> None:
     """Write ``spec.json`` (and beside it the files the spec hashes: the centre, the int8
-    calibration sample), or check that the spec already there matches."""
+    calibration sample, the fitted planes), or check that the spec already there matches."""
     if check_spec(storage, spec):
         return
-    for key, path in ((CENTER_KEY, center), (CALIBRATION_KEY, calibration)):
+    for key, path in ((CENTER_KEY, center), (CALIBRATION_KEY, calibration), (PLANES_KEY, planes)):
         if path:
             with open(path, "rb") as f:
                 storage.put(key, f.read())
@@ -69,7 +74,7 @@ def open_destination(
     ``resume``).  Used by ``imgenc encode`` and by the producer alike."""
     storage = open_storage(dest)
     calibration = settings.calibration if spec.calibration_sha256 else None
-    ensure_spec(storage, spec, settings.center, calibration)
+    ensure_spec(storage, spec, settings.center, calibration, settings.planes)
     return storage, done_keys(storage) if resume else set()
 
 

@@ -52,6 +52,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--center",
         help="centre file from `imgenc fit-center` (subtracted from the features before hashing)",
     )
+    group.add_argument(
+        "--planes",
+        help="hyperplanes fitted by `imgenc fit-planes` (their bits, offset and planes)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

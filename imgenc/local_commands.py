@@ -120,6 +120,28 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit_planes(args: argparse.Namespace) -> int:
+    from encoder.fitted_planes import fit_planes
+    from encoder.model import WeightsUnavailable
+
+    try:
+        fitted = fit_planes(
+            args.image_dir, args.settings, args.method, args.sample, not args.no_progress
+        )
+    except (WeightsUnavailable, ValueError) as exc:
+        print(f"imgenc: error: {exc}", file=sys.stderr)
+        return 2
+    fitted.save(args.out)
+    info = fitted.info
+    print(
+        f"{args.out}: {info.method} planes, {info.bits} bits ({(info.bits + 7) // 8} bytes per "
+        f"{'position' if info.layout == 'spatial' else 'image'}) for {info.backbone} "
+        f"{info.layout}, fitted on {info.images} images ({info.vectors} feature vectors); "
+        f"use it with --planes {args.out}"
+    )
+    return 0
+
+
 def cmd_fit_center(args: argparse.Namespace) -> int:
     from encoder.centering import save_center
     from encoder.fit_center import fit_center
@@ -178,7 +200,29 @@ def add_commands(sub: argparse._SubParsersAction, add_model_args: AddModelArgs) 
     add_model_args(calibrate)
     calibrate.set_defaults(func=cmd_calibrate)
 
-    fit = sub.add_parser("fit-center", help="compute the mean feature for --center")
+    planes = sub.add_parser(
+        "fit-planes", help="fit the hyperplanes on a sample of the catalogue, for --planes"
+    )
+    planes.add_argument("image_dir", help="a sample of the catalogue (its first images are used)")
+    planes.add_argument("--out", required=True, help="where to save the planes (.npz)")
+    planes.add_argument(
+        "--method",
+        choices=("itq", "center"),
+        default="itq",
+        help="itq: PCA then ITQ's learned rotation; center: the seed's random planes, "
+        "centred [itq]",
+    )
+    planes.add_argument("--sample", type=int, default=20000, help="images to fit on [20000]")
+    planes.add_argument("--batch", type=int)
+    planes.add_argument("--no-progress", action="store_true")
+    add_model_args(planes)
+    planes.set_defaults(func=cmd_fit_planes)
+
+    fit = sub.add_parser(
+        "fit-center",
+        help="compute the mean feature for --center (fit-planes --method center does the "
+        "same in a planes file)",
+    )
     fit.add_argument("image_dir")
     fit.add_argument("--out", required=True, help="where to save the centre (.npy)")
     fit.add_argument("--sample", type=int, default=2000, help="images to average [2000]")

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from encoder.images import DEFAULT_MAX_FILE_BYTES, ImageLoader, LoadResult
-from encoder.manifest import CALIBRATION_KEY, CENTER_KEY
+from encoder.manifest import CALIBRATION_KEY, CENTER_KEY, PLANES_KEY
 from encoder.settings import Settings
 from encoder.spec import CodeSpec, SpecMismatch, settings_for_spec
 from encoder.storage import Storage
@@ -80,7 +80,8 @@ class EmbeddedQueryEncoder:
         folder = Path(self._tmp.name)
         center = destination_file(storage, CENTER_KEY, spec.center_sha256, folder)
         calibration = destination_file(storage, CALIBRATION_KEY, spec.calibration_sha256, folder)
-        self.settings = settings_for_spec(spec, base, weights, center, calibration)
+        planes = destination_file(storage, PLANES_KEY, spec.planes_file_sha256, folder)
+        self.settings = settings_for_spec(spec, base, weights, center, calibration, planes)
         self.spec = spec
         self.encoder = load_encoder(self.settings)
         self.loader = ImageLoader(self._tmp.name, self.encoder.input_size, max_file_bytes)
