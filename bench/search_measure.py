@@ -84,6 +84,7 @@ def _mib(kb: float) -> float:
 def pooled_search(ctx: Context) -> None:
     import faiss
 
+    from search.faiss_backend import stored_bytes
     from search.index import Index
 
     n = 20_000 if ctx.quick else 1_000_000
@@ -124,7 +125,7 @@ def pooled_search(ctx: Context) -> None:
         ),
         "search_flat_build",
     )
-    code_mib = n * index.stored_bytes / 2**20
+    code_mib = n * stored_bytes(index.code_bytes) / 2**20
     ctx.add(
         Row(
             "search",
@@ -150,11 +151,11 @@ def pooled_search(ctx: Context) -> None:
     )
 
     # faiss directly on the same codes: 63-byte (generic kernel) and 64-byte padded.
-    padded = pad(unpadded, index.stored_bytes)
-    padded_queries = pad(queries, index.stored_bytes)
+    padded = pad(unpadded, stored_bytes(index.code_bytes))
+    padded_queries = pad(queries, stored_bytes(index.code_bytes))
     direct63 = faiss.IndexBinaryFlat(unpadded.shape[1] * 8)
     direct63.add(unpadded)
-    direct64 = faiss.IndexBinaryFlat(index.stored_bytes * 8)
+    direct64 = faiss.IndexBinaryFlat(stored_bytes(index.code_bytes) * 8)
     direct64.add(padded)
     rate63 = queries_per_second(lambda q, d=direct63: d.search(q, K), queries)
     del direct63

@@ -121,7 +121,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_fit_planes(args: argparse.Namespace) -> int:
-    from encoder.fitted_planes import fit_planes
+    from encoder.fit_planes import fit_planes
     from encoder.model import WeightsUnavailable
 
     try:

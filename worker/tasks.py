@@ -218,7 +218,9 @@ def _after_failure(task: Any, message: ChunkMessage, exc: Exception) -> dict[str
         # need Redis too, and Celery drops a message whose retry it cannot publish; so
         # reject with requeue, which is never an ack: the message stays unacked in Redis
         # and comes back when its lease runs out (or at once, if the requeue goes through).
-        log.warning("job %s chunk %d: registry unreachable (%s); requeueing", job_id, chunk, exc)
+        log.warning(
+            "job %s chunk %d: registry unreachable (%s); requeueing the chunk", job_id, chunk, exc
+        )
         raise Reject(str(exc), requeue=True) from None
     if decision.action is Action.RETRY:
         if decision.counts_as_error:
