@@ -7,12 +7,14 @@ rotation (``faiss.ITQTransform``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from encoder.fitted_planes import METHODS, MIN_VECTORS_PER_BIT, FittedPlanes, PlanesInfo
+
 
 class FeatureSample:
     """A sink that keeps the feature vectors of a run (one per image pooled, one per

@@ -25,10 +25,8 @@ from __future__ import annotations
 import functools
 import json
 import zipfile
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,9 +42,29 @@ def reliability():
     return RELIABILITY
 
 
+FIGURES_DIR = "IMGENC_TEST_RELIABILITY_DIR"
+
+
+def pytest_configure(config):
+    """The controlling process makes a folder where xdist workers leave their figures."""
+    if not hasattr(config, "workerinput") and FIGURES_DIR not in os.environ:
+        os.environ[FIGURES_DIR] = tempfile.mkdtemp(prefix="imgenc-reliability-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    worker = getattr(session.config, "workerinput", {}).get("workerid")
+    if worker and RELIABILITY and FIGURES_DIR in os.environ:
+        path = Path(os.environ[FIGURES_DIR]) / f"{worker}.json"
+        path.write_text(json.dumps(RELIABILITY))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not RELIABILITY:
+    figures = list(RELIABILITY)
+    if FIGURES_DIR in os.environ:
+        for path in sorted(Path(os.environ[FIGURES_DIR]).glob("*.json")):
+            figures.extend(json.loads(path.read_text()))
+    if not figures:
         return
     terminalreporter.section("reliability figures")
-    for figures in RELIABILITY:
-        terminalreporter.write_line(json.dumps(figures, sort_keys=False))
+    for row in figures:
+        terminalreporter.write_line(json.dumps(row, sort_keys=False))
