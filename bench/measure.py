@@ -488,7 +488,8 @@ def runtime(ctx: Context) -> None:
 def quality(ctx: Context) -> None:
     """EfficientNet-Lite0 (ImageNet weights) on the labelled photos: label precision@10 of
     float features and codes, near-duplicates found and photos merged at the fitted
-    threshold: groups ``quality`` and ``near-dup``."""
+    threshold, copies within reach per hashing method: groups ``quality``, ``methods`` and
+    ``near-dup``."""
     from bench.quality import quality as measure_quality
 
     measure_quality(ctx)

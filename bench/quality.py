@@ -9,13 +9,19 @@ that backbone costs against VGG16.
    computed once) by cosine; codes are hashed from them in NumPy as the hashing layer does
    (``(x - centre) @ hyperplanes(channels, bits, 628) > 0``; centre: the mean pooled
    feature, as ``imgenc fit-center`` computes it), Hamming ties broken by id as the index
-   does.  Pooled and spatial 500 bits again through ``encode_folder`` + ``Index.similar``.
+   does.  Pooled codes also with learned planes: PCA-ITQ (``encoder.fit_planes``, faiss's
+   ``ITQTransform``) fitted on the pooled features of every photo, as ``imgenc fit-planes``
+   fits them on a catalogue.  Pooled and spatial 500 bits again through ``encode_folder`` +
+   ``Index.similar``.
 2. ``near-dup``: the photos plus copies of 100 of them in every kind of ``COPY_KINDS``, made
    with other parameters than the fit's own (``BENCH_COPIES``), encoded pooled and spatial;
    the threshold fitted on that catalogue (``fit_destination``) and on the photos alone;
    ``find_duplicates`` at the fitted default and at 0.8x and 1.2x of it.  The truth: per
    kind, the share of copies grouped with their photo, and the share of photos grouped with
    another photo (or its copy); beside them, what the fit expected.
+   ``methods``: per hashing method and bit count, the share of copies within reach of their
+   photo at a 1% false-pair rate (the distance at which 1% of the photos have another photo
+   that near), on the pooled features of the photos and of their copies, in NumPy.
 3. ``backbones``: files -> codes (``encode_folder``, spatial, batch 32, up to 256 photos,
    best of two runs) for VGG16 (random weights: speed does not depend on them) and Lite0
    side by side on TF fp32, OV fp32 and OV int8 (quantized from 64 of the photos), every
@@ -109,7 +115,64 @@ def label_precision(ctx: Context, encoder: Any, names: list[str], y: np.ndarray)
             ctx.add(Row("quality", name, value, "share", value / ref, "float features", note))
             if bits == 500 and not centred:
                 kept[layout] = (layout, codes, top, value)
+    for bits, (offset, planes) in itq_planes(pooled).items():
+        top = measure.hamming_topk((pooled[keep] - offset) @ planes > 0, k)
+        value = precision(top, y)
+        name = f"label precision@{k}, pooled {bits} bits, PCA-ITQ ({bits // 8} B per image)"
+        note = f"fitted on the {len(pooled)} photos' pooled features"
+        ctx.add(Row("quality", name, value, "share", value / ref, "float features", note))
     return kept
+
+
+def itq_planes(pooled: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """``{bits: (offset, planes)}`` of PCA-ITQ for the bit counts these features allow."""
+    from encoder.fit_planes import MIN_VECTORS_PER_BIT, planes_from_features
+
+    fitted = {}
+    for bits in (64, 128, 256, 512):
+        if bits <= pooled.shape[1] and MIN_VECTORS_PER_BIT * bits <= len(pooled):
+            fitted[bits] = planes_from_features(pooled, "itq", bits, 628)
+    return fitted
+
+
+def methods_for_copies(ctx: Context, encoder: Any, catalogue: Path, made: dict) -> None:
+    """Copies within reach at a 1% false-pair rate, per hashing method (``methods``)."""
+    from encoder.images import ImageLoader
+
+    loader = ImageLoader(catalogue, encoder.input_size)
+    names = ctx.files + list(made)
+    pooled = []
+    for start in range(0, len(names), 32):
+        results = [loader.load(name) for name in names[start : start + 32]]
+        pooled.append(encoder.features(np.stack([r.pixels for r in results])).mean(axis=1))
+    x = np.concatenate(pooled)
+    photos, copies = x[: len(ctx.files)], x[len(ctx.files) :]
+    source = np.array([ctx.files.index(photo) for photo, _ in made.values()])
+    cases = {
+        f"random {bits} bits, raw": (None, hyperplanes(x.shape[1], bits, 628))
+        for bits in (128, 500)
+    }
+    centre = photos.mean(axis=0)
+    cases.update(
+        {
+            f"random {bits} bits, centred": (centre, hyperplanes(x.shape[1], bits, 628))
+            for bits in (128, 500)
+        }
+    )
+    cases.update({f"PCA-ITQ {b} bits": fit for b, fit in itq_planes(photos).items()})
+    for what, (offset, planes) in cases.items():
+        shifted = (lambda v: v) if offset is None else (lambda v, o=offset: v - o)
+        a, b = shifted(photos) @ planes > 0, shifted(copies) @ planes > 0
+        ones = a.sum(axis=1).astype(np.float32)
+        fa = a.astype(np.float32)
+        dist = ones[:, None] + ones[None, :] - 2 * (fa @ fa.T)
+        np.fill_diagonal(dist, np.inf)
+        reach = np.quantile(dist.min(axis=1), 0.01)  # 1% of photos have another this near
+        copy_dist = (a[source] != b).sum(axis=1)
+        found = float(np.mean(copy_dist < reach))
+        name = f"copies within reach at 1% false pairs, pooled {what}"
+        note = f"reach {reach:.0f} bits; {len(copies)} copies of {len(set(source))} photos"
+        ctx.add(Row("methods", name, found, "share", note=note))
 
 
 def through_product(ctx: Context, index: Any, names: list[str], y: np.ndarray, case: tuple) -> None:
@@ -233,7 +296,7 @@ def near_duplicates(ctx: Context, encoder: Any, clean_index: Any, catalogue: Pat
 def quality(ctx: Context) -> None:
     """The groups ``quality`` and ``near-dup`` (see the module docstring)."""
     from encoder.folder_run import encode_folder
-    from encoder.model import Encoder
+    from encoder.tf_runtime import TensorFlowEncoder as Encoder
     from search.index import Index
 
     labelled = labels(ctx.files)
@@ -242,6 +305,8 @@ def quality(ctx: Context) -> None:
     encoders = {layout: Encoder(settings(**LITE, layout=layout)) for layout in LAYOUTS}
     numpy_cases = label_precision(ctx, encoders["spatial"], names, y) if len(names) > 2 else {}
     catalogue, made = make_catalogue(ctx)
+    if len(ctx.files) > 100:
+        methods_for_copies(ctx, encoders["spatial"], catalogue, made)
     for layout in ("pooled", "spatial"):
         dest, encoder = ctx.work / f"quality-photos-{layout}", encoders[layout]
         encode_folder(ctx.images, str(dest), encoder.settings, progress=False, encoder=encoder)

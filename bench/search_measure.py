@@ -460,8 +460,53 @@ def serve_latency(ctx: Context) -> None:
     )
 
 
+def code_sizes(ctx: Context) -> None:
+    """Exact (and, without ``--quick``, HNSW) search of 8-, 16- and 64-byte codes (what
+    PCA-ITQ at 64 and 128 bits and 512 bits give) in one run, on the search backend the
+    index uses, over the same number of clustered codes."""
+    from search.backend import new_backend
+
+    n, n_queries = (20_000, 200) if ctx.quick else (1_000_000, 1_000)
+    rates: dict[int, float] = {}
+    for bits in (512, 64, 128):
+        generator = ClusteredCodes(bits, clusters=max(10, n // 100), seed=bits)
+        codes, queries = generator.draw(n), generator.draw(n_queries)
+        keys = np.arange(n, dtype=np.int64)
+        flat = new_backend("flat", codes.shape[1])
+        flat.add(keys, codes)
+        rates[bits] = queries_per_second(lambda q, b=flat: b.search(q, K), queries)
+        what = f"{n:,} codes of {bits // 8} bytes, {n_queries} queries, k={K}"
+        ratio = rates[bits] / rates[512] if bits != 512 else None
+        ctx.add(Row("search", f"exact search, {what}", rates[bits], "q/s", ratio, "64-byte codes"))
+        if ctx.quick:
+            continue
+        exact_distances = flat.search(queries, K)[0]
+        del flat
+        hnsw = new_backend("hnsw", codes.shape[1])
+        start = time.perf_counter()
+        hnsw.add(keys, codes)
+        build = time.perf_counter() - start
+        rate = queries_per_second(lambda q, b=hnsw: b.search(q, K), queries)
+        found = hnsw.search(queries, K)[0]
+        recall = float(np.mean(found <= exact_distances[:, K - 1 : K]))
+        note = f"built in {build:.0f} s; recall@{K} {recall:.3f} (tie-aware)"
+        ctx.add(
+            Row(
+                "search",
+                f"HNSW search (M 32, efSearch 128), {what}",
+                rate,
+                "q/s",
+                rate / rates[bits],
+                "exact search, same codes",
+                note,
+            )
+        )
+        del hnsw
+
+
 def search(ctx: Context) -> None:
     """The ``search`` and ``serve`` groups (see the module docstring)."""
     pooled_search(ctx)
+    code_sizes(ctx)
     spatial_search(ctx)
     serve_latency(ctx)
