@@ -471,13 +471,15 @@ def search(ctx: Context) -> None:
 FLOOD_BACKBONE = {"backbone": "efficientnet_lite0", "weights": "imagenet", "layout": "pooled"}
 
 
-def _start_server(dest: Any, log: Any, env: dict[str, str]) -> tuple[subprocess.Popen, str, float]:
-    """``imgenc serve DEST`` on a free port: the process, its URL, its start-up seconds."""
+def _start_server(
+    dest: Any, log: Any, env: dict[str, str], *args: str
+) -> tuple[subprocess.Popen, str, float]:
+    """``imgenc serve DEST ARGS`` on a free port: the process, its URL, its start-up seconds."""
     import httpx
 
     port = _free_loopback_port()
     base = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "imgenc", "serve", str(dest), "--port", str(port)]
+    command = [sys.executable, "-m", "imgenc", "serve", str(dest), "--port", str(port), *args]
     started = time.monotonic()
     with open(log, "ab") as log_file:
         process = subprocess.Popen(
@@ -595,7 +597,7 @@ def serve_flood(ctx: Context) -> None:
     try:
         import httpx
 
-        _post_all(base, uploads[:4], [])  # warm-up
+        _post_all(base, [uploads[i % len(uploads)] for i in range(10)], [])  # warm-up
         idle: list[float] = []
         _post_all(base, [uploads[i % len(uploads)] for i in range(n_queries)], idle)
         rate_idle = _clients_rate(base, uploads, clients, per_client)
@@ -609,6 +611,19 @@ def serve_flood(ctx: Context) -> None:
                 healthz.append(httpx.get(base + "/healthz", timeout=30).status_code)
             rate_flood = _clients_rate(base, uploads, clients, per_client)
         figures = _health(base)
+    finally:
+        _stop_process_group(process, grace_seconds=30)
+
+    # The same flood with the heavy lane off: every upload light, decoded by the light
+    # threads at normal priority (the lanes alone, as a pool sized to the cores would be).
+    off = ("--heavy-mpx", "1000")
+    process, base, _ = _start_server(dest, ctx.work / "flood-off.log", env, *off)
+    try:
+        _post_all(base, [uploads[i % len(uploads)] for i in range(10)], [])  # warm-up
+        with Flood(base, heavy, flooders) as flood_off:
+            _wait_until(lambda: _health(base)["uploads_in_progress"] > 0, 120, "the flood to start")
+            lane_off: list[float] = []
+            _post_all(base, [uploads[i % len(uploads)] for i in range(n_queries // 2)], lane_off)
     finally:
         _stop_process_group(process, grace_seconds=30)
 
@@ -637,6 +652,18 @@ def serve_flood(ctx: Context) -> None:
             "ms",
             _percentile_ms(flooded, 95) / _percentile_ms(idle, 95),
             "idle p95",
+        )
+    )
+    ctx.add(
+        Row(
+            "serve",
+            "flood: normal query p50 during the same flood, heavy lane off (--heavy-mpx 1000)",
+            _percentile_ms(lane_off, 50),
+            "ms",
+            _percentile_ms(lane_off, 50) / p50_idle,
+            "idle p50",
+            note=f"{len(lane_off)} queries; every upload decoded by the light threads at "
+            f"normal priority; flood: {flood_off.answered} answered, {flood_off.refused} refused",
         )
     )
     ctx.add(Row("serve", f"flood: throughput, {clients} clients, idle", rate_idle, "q/s"))
