@@ -623,7 +623,8 @@ def serve_flood(ctx: Context) -> None:
         with Flood(base, heavy, flooders) as flood_off:
             _wait_until(lambda: _health(base)["uploads_in_progress"] > 0, 120, "the flood to start")
             lane_off: list[float] = []
-            _post_all(base, [uploads[i % len(uploads)] for i in range(n_queries // 2)], lane_off)
+            n_off = 3 if ctx.quick else 5  # each waits behind the flood's decodes
+            _post_all(base, [uploads[i % len(uploads)] for i in range(n_off)], lane_off)
     finally:
         _stop_process_group(process, grace_seconds=30)
 
