@@ -9,7 +9,9 @@ Groups:
   100,000 spatial codes (3,063 bytes) in a flat index.
 - ``serve``: ``imgenc serve`` over the photos encoded with VGG16 (pooled, random weights),
   queried over HTTP by 1 and by 8 concurrent clients, against one in-process model forward
-  plus one index search.
+  plus one index search; and (the ``flood`` step) a normal query's latency, idle and
+  while clients keep uploading a large lossless PNG (with the heavy lane on, then off),
+  8-client throughput, and ``/healthz`` during the flood (EfficientNet-Lite0, ImageNet).
 
 Every speed is measured in this run, side by side.  ``--quick`` uses 20,000 and 5,000
 codes and the 8 photos.
