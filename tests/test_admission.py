@@ -5,6 +5,8 @@ being uploaded.  Order is checked, never timing: timing belongs in ``python -m b
 from __future__ import annotations
 
 import io
+import os
+import sys
 import threading
 from concurrent.futures import Future
 
@@ -67,6 +69,13 @@ def test_a_full_heavy_lane_refuses_at_once_and_never_holds_a_light_upload():
         future.result(timeout=60)
     wait_for(lambda: lanes.figures()["heavy_uploads_in_progress"] == 0, 30, "places released")
     lanes.admit(5_000_000).release()  # a place again
+    if sys.platform == "linux":  # heavy decodes run at a lower CPU priority than light ones
+
+        def nice() -> int:
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        heavy_nice = lanes.run(lanes.admit(5_000_000), nice).result(timeout=60)
+        assert heavy_nice > lanes.run(lanes.admit(None), nice).result(timeout=60)
     lanes.shutdown()
 
 
