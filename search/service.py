@@ -163,10 +163,11 @@ class SearchService:
 
     def _answer(self, queries: list[Query]) -> list[QueryResult]:
         k = max(q.k for q in queries)
-        if self.decodes_here and all(q.loaded is not None for q in queries):
+        if self.decodes_here:  # decoded in the lanes (a query that was not is decoded now)
             check_encoder(self.index, self.encoder)
-            loaded = [q.loaded for q in queries if q.loaded is not None]
-            codes = self.encoder.encode_pixels([r.pixels for r in loaded])  # type: ignore[attr-defined]
+            encoder: Any = self.encoder  # an EmbeddedQueryEncoder
+            loaded = [q.loaded or encoder.decode(q.data, q.name) for q in queries]
+            codes = encoder.encode_pixels([r.pixels for r in loaded if r.ok])
             for r in loaded:
                 r.pixels = None
             answers = search_codes(self.index, loaded, codes, k)
