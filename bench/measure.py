@@ -465,6 +465,15 @@ def search(ctx: Context) -> None:
     measure_search(ctx)
 
 
+def flood(ctx: Context) -> None:
+    """``imgenc serve`` while clients keep uploading a large lossless PNG: a normal query's
+    p50 and p95 idle and during the flood, 8-client throughput, ``/healthz`` (group
+    ``serve``; EfficientNet-Lite0 with its ImageNet weights)."""
+    from bench.search_measure import serve_flood
+
+    serve_flood(ctx)
+
+
 def dedup(ctx: Context) -> None:
     """Near-duplicate groups at scale (synthetic codes): group ``dedup``.  Near-duplicates
     of real photos, with trained weights, are measured by the ``quality`` step."""
@@ -512,6 +521,7 @@ STEPS: dict[str, Callable[[Context], None]] = {
     "fidelity": fidelity,
     "cost": cost,
     "search": search,
+    "flood": flood,
     "dedup": dedup,
     "runtime": runtime,
     "quality": quality,

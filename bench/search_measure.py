@@ -9,7 +9,9 @@ Groups:
   100,000 spatial codes (3,063 bytes) in a flat index.
 - ``serve``: ``imgenc serve`` over the photos encoded with VGG16 (pooled, random weights),
   queried over HTTP by 1 and by 8 concurrent clients, against one in-process model forward
-  plus one index search.
+  plus one index search; and (the ``flood`` step) a normal query's latency, idle and
+  while clients keep uploading a large lossless PNG (with the heavy lane on, then off),
+  8-client throughput, and ``/healthz`` during the flood (EfficientNet-Lite0, ImageNet).
 
 Every speed is measured in this run, side by side.  ``--quick`` uses 20,000 and 5,000
 codes and the 8 photos.
@@ -510,3 +512,225 @@ def search(ctx: Context) -> None:
     code_sizes(ctx)
     spatial_search(ctx)
     serve_latency(ctx)
+
+
+# --- imgenc serve under a flood of large lossless uploads -------------------------------------
+FLOOD_BACKBONE = {"backbone": "efficientnet_lite0", "weights": "imagenet", "layout": "pooled"}
+
+
+def _start_server(
+    dest: Any, log: Any, env: dict[str, str], *args: str
+) -> tuple[subprocess.Popen, str, float]:
+    """``imgenc serve DEST ARGS`` on a free port: the process, its URL, its start-up seconds."""
+    import httpx
+
+    port = _free_loopback_port()
+    base = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "imgenc", "serve", str(dest), "--port", str(port), *args]
+    started = time.monotonic()
+    with open(log, "ab") as log_file:
+        process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def healthy() -> bool:
+        if process.poll() is not None:
+            text = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"imgenc serve exited with {process.returncode}:\n{text}")
+        try:
+            return httpx.get(base + "/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        _wait_until(healthy, 300, "imgenc serve")
+    except BaseException:
+        _stop_process_group(process, grace_seconds=30)
+        raise
+    return process, base, time.monotonic() - started
+
+
+class Flood:
+    """``clients`` threads uploading ``data`` again and again until ``stop``; a 503 is
+    retried after its ``Retry-After`` (clients that behave, not an attack)."""
+
+    def __init__(self, base: str, data: bytes, clients: int) -> None:
+        self.base, self.data = base, data
+        self.answered = self.refused = self.failed = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)
+        ]
+
+    def __enter__(self) -> Flood:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(300)
+
+    def _client(self, i: int) -> None:
+        import httpx
+
+        with httpx.Client(base_url=self.base, timeout=300) as client:
+            while not self._stop.is_set():
+                try:
+                    answer = client.post(
+                        "/search", files={"image": (f"scan{i}.png", self.data)}, data={"k": "1"}
+                    )
+                except httpx.HTTPError:
+                    with self._lock:
+                        self.failed += 1
+                    continue
+                with self._lock:
+                    if answer.status_code == 503:
+                        self.refused += 1
+                    elif answer.status_code == 200:
+                        self.answered += 1
+                    else:
+                        self.failed += 1
+                if answer.status_code == 503:
+                    self._stop.wait(float(answer.headers.get("retry-after", "1")))
+
+
+def _clients_rate(base: str, uploads: list[tuple[str, bytes]], clients: int, each: int) -> float:
+    """Queries per second of ``clients`` threads sending ``each`` normal queries."""
+    done: list[float] = []
+    shares = [[uploads[(c * each + i) % len(uploads)] for i in range(each)] for c in range(clients)]
+    threads = [threading.Thread(target=_post_all, args=(base, s, done)) for s in shares]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if len(done) != clients * each:
+        raise RuntimeError(f"{clients * each - len(done)} of the {clients}-client queries failed")
+    return len(done) / (time.perf_counter() - start)
+
+
+def serve_flood(ctx: Context) -> None:
+    """A normal photo's query, idle and while clients keep uploading a large PNG (no
+    reduced-scale decode): p50 and p95 latency, 8-client throughput, and ``/healthz``."""
+    from bench.images import smooth_png
+    from encoder.folder_run import encode_folder
+
+    side, flooders = (4500, 3) if ctx.quick else (9000, 10)
+    n_queries, per_client, clients = (8, 2, 8) if ctx.quick else (40, 10, 8)
+    files = ctx.files[: 8 if ctx.quick else 100]
+    folder = ctx.work / "flood-photos"
+    folder.mkdir()
+    for name in files:
+        shutil.copyfile(ctx.images / name, folder / name)
+    dest = ctx.work / "flood-dest"
+    encode_folder(folder, str(dest), settings(**FLOOD_BACKBONE), progress=False)
+    uploads = [(name, (folder / name).read_bytes()) for name in files]
+    heavy = smooth_png(side)
+    env = {
+        **_server_environment(),
+        "IMGENC_BACKBONE": FLOOD_BACKBONE["backbone"],
+        "IMGENC_WEIGHTS": FLOOD_BACKBONE["weights"],
+    }
+    process, base, _ = _start_server(dest, ctx.work / "flood.log", env)
+    healthz: list[int] = []
+    try:
+        import httpx
+
+        _post_all(base, [uploads[i % len(uploads)] for i in range(10)], [])  # warm-up
+        idle: list[float] = []
+        _post_all(base, [uploads[i % len(uploads)] for i in range(n_queries)], idle)
+        rate_idle = _clients_rate(base, uploads, clients, per_client)
+        with Flood(base, heavy, flooders) as flood:
+            _wait_until(
+                lambda: _health(base)["heavy_uploads_in_progress"] > 0, 120, "the flood to start"
+            )
+            flooded: list[float] = []
+            for i in range(n_queries):
+                _post_all(base, [uploads[i % len(uploads)]], flooded)
+                healthz.append(httpx.get(base + "/healthz", timeout=30).status_code)
+            rate_flood = _clients_rate(base, uploads, clients, per_client)
+        figures = _health(base)
+    finally:
+        _stop_process_group(process, grace_seconds=30)
+
+    # The same flood with the heavy lane off: every upload light, decoded by the light
+    # threads at normal priority (the lanes alone, as a pool sized to the cores would be).
+    off = ("--heavy-mpx", "1000")
+    process, base, _ = _start_server(dest, ctx.work / "flood-off.log", env, *off)
+    try:
+        _post_all(base, [uploads[i % len(uploads)] for i in range(10)], [])  # warm-up
+        with Flood(base, heavy, flooders) as flood_off:
+            _wait_until(lambda: _health(base)["uploads_in_progress"] > 0, 120, "the flood to start")
+            lane_off: list[float] = []
+            n_off = 3 if ctx.quick else 5  # each waits behind the flood's decodes
+            _post_all(base, [uploads[i % len(uploads)] for i in range(n_off)], lane_off)
+    finally:
+        _stop_process_group(process, grace_seconds=30)
+
+    what = f"{len(files)} photos, EfficientNet-Lite0 pooled, default flags"
+    png = f"{side}x{side} PNG ({side * side / 1e6:.0f} Mpx, {len(heavy) / 2**20:.1f} MiB)"
+    p50_idle = _percentile_ms(idle, 50)
+    ctx.add(Row("serve", f"flood: normal query p50, idle ({what})", p50_idle, "ms"))
+    ctx.add(Row("serve", "flood: normal query p95, idle", _percentile_ms(idle, 95), "ms"))
+    ctx.add(
+        Row(
+            "serve",
+            f"flood: normal query p50 while {flooders} clients upload a {png}",
+            _percentile_ms(flooded, 50),
+            "ms",
+            _percentile_ms(flooded, 50) / p50_idle,
+            "idle p50 (target: at most 3x)",
+            note=f"{n_queries} queries one after another; flood: {flood.answered} answered, "
+            f"{flood.refused} refused with 503 + Retry-After, {flood.failed} failed",
+        )
+    )
+    ctx.add(
+        Row(
+            "serve",
+            "flood: normal query p95 during the flood",
+            _percentile_ms(flooded, 95),
+            "ms",
+            _percentile_ms(flooded, 95) / _percentile_ms(idle, 95),
+            "idle p95",
+        )
+    )
+    ctx.add(
+        Row(
+            "serve",
+            "flood: normal query p50 during the same flood, heavy lane off (--heavy-mpx 1000)",
+            _percentile_ms(lane_off, 50),
+            "ms",
+            _percentile_ms(lane_off, 50) / p50_idle,
+            "idle p50",
+            note=f"{len(lane_off)} queries; every upload decoded by the light threads at "
+            f"normal priority; flood: {flood_off.answered} answered, {flood_off.refused} refused",
+        )
+    )
+    ctx.add(Row("serve", f"flood: throughput, {clients} clients, idle", rate_idle, "q/s"))
+    ctx.add(
+        Row(
+            "serve",
+            f"flood: throughput, {clients} clients, during the flood",
+            rate_flood,
+            "q/s",
+            rate_flood / rate_idle,
+            f"{clients} clients idle",
+        )
+    )
+    ctx.add(
+        Row(
+            "serve",
+            "flood: /healthz answered 200 during the flood",
+            healthz.count(200) / max(len(healthz), 1),
+            "share",
+            note=f"{len(healthz)} calls; refused uploads in all: {figures['refused_uploads']}",
+        )
+    )

@@ -182,6 +182,20 @@ class ImageLoader:
             )
         return result, picture if result.ok else None
 
+    def decoded_pixels(self, data: bytes) -> int | None:
+        """How many pixels decoding ``data`` would produce, read from its header alone
+        (nothing is decoded): width x height, divided by the square of the reduced scale
+        that JPEGs are decoded at (``draft_scale``).  None when the header does not say
+        (not an image, a refused format, a bomb...): ``load_bytes`` then gives the status
+        without decoding anything."""
+        try:
+            im = _open(data)
+        except LoadFailure:
+            return None
+        with im:
+            scale = draft_scale(im.format, im.size, self.size)
+            return -(-im.size[0] // scale) * -(-im.size[1] // scale)
+
     def _to_pixels(self, rgb: Image.Image) -> np.ndarray:
         return np.asarray(rgb.resize((self.size, self.size), RESAMPLE), dtype=np.uint8)
 
@@ -233,23 +247,8 @@ class ImageLoader:
     ) -> T:
         """``finish`` applied to ``data`` decoded as an RGB picture (while the decoded image
         is open); JPEGs at least twice ``target`` are decoded at a reduced scale."""
-        head = data[:64].lstrip()
-        for signature, name in _REFUSED_SIGNATURES:
-            if head.startswith(signature):
-                raise LoadFailure(
-                    ImageStatus.UNSUPPORTED, f"{name} is not a supported image format"
-                )
         limit = self.max_pixels or Image.MAX_IMAGE_PIXELS
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-        except UnidentifiedImageError:
-            raise LoadFailure(ImageStatus.NOT_AN_IMAGE, "not a recognised image format") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise LoadFailure(ImageStatus.TOO_LARGE, f"decompression bomb refused: {exc}") from None
-        except (EOFError, SyntaxError, ValueError, OSError) as exc:
-            raise LoadFailure(_decode_status(exc), _one_line(exc)) from None
+        im = _open(data)
         with im:
             result.width, result.height = im.size
             if limit and im.size[0] * im.size[1] > limit:
@@ -259,7 +258,7 @@ class ImageLoader:
                     "(decompression bomb refused before decoding)",
                 )
             try:
-                if im.format == "JPEG" and min(im.size) >= 2 * target:
+                if draft_scale(im.format, im.size, target) > 1:
                     im.draft("RGB", (target, target))
                 im.load()  # first frame of animated images
                 if im.getexif().get(ORIENTATION_TAG, 1) != 1:
@@ -273,6 +272,36 @@ class ImageLoader:
                 Image.DecompressionBombError,
             ) as exc:
                 raise LoadFailure(_decode_status(exc), _one_line(exc)) from None
+
+
+def draft_scale(image_format: str | None, size: tuple[int, int], target: int) -> int:
+    """The factor by which the loader decodes an image below its stored size: a JPEG at
+    least twice ``target`` on its shorter side is decoded with ``draft()`` at 1/2, 1/4 or
+    1/8 (the largest that keeps both sides at least ``target``, as Pillow picks it);
+    every other format at full size (1)."""
+    if image_format != "JPEG" or min(size) < 2 * target:
+        return 1
+    ratio = min(size[0] // target, size[1] // target)
+    return next(s for s in (8, 4, 2, 1) if ratio >= s)
+
+
+def _open(data: bytes) -> Image.Image:
+    """``data`` opened lazily (header only) among ``ALLOWED_FORMATS``; refused formats,
+    unknown data and decompression bombs raise ``LoadFailure``."""
+    head = data[:64].lstrip()
+    for signature, name in _REFUSED_SIGNATURES:
+        if head.startswith(signature):
+            raise LoadFailure(ImageStatus.UNSUPPORTED, f"{name} is not a supported image format")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        raise LoadFailure(ImageStatus.NOT_AN_IMAGE, "not a recognised image format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise LoadFailure(ImageStatus.TOO_LARGE, f"decompression bomb refused: {exc}") from None
+    except (EOFError, SyntaxError, ValueError, OSError) as exc:
+        raise LoadFailure(_decode_status(exc), _one_line(exc)) from None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -179,6 +179,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from search.admission import DecodeLanes
     from search.service import SearchService, create_app, is_loopback, serve
 
     auth = None
@@ -206,8 +207,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         encoder = index.embedded_encoder(weights=args.query_weights)
         encoder.warm_up()
+    lanes = DecodeLanes(
+        threads=args.decode_threads, heavy_mpx=args.heavy_mpx, heavy_uploads=args.heavy_uploads
+    )
     service = SearchService(
-        index, encoder, image_root=settings.image_root, refresh_seconds=args.refresh_seconds
+        index,
+        encoder,
+        image_root=settings.image_root,
+        refresh_seconds=args.refresh_seconds,
+        lanes=lanes,
     )
     app = create_app(
         service,
@@ -312,6 +320,24 @@ def add_commands(sub: argparse._SubParsersAction, add_model_args: AddModelArgs) 
         type=_bounded(float, 0),
         default=30.0,
         help="how often to take in what new jobs added to DEST [30; 0: never]",
+    )
+    serve.add_argument(
+        "--decode-threads",
+        type=_bounded(int, 1, 256),
+        help="threads decoding uploads (heavy ones get half, at least 1) [the core count]",
+    )
+    serve.add_argument(
+        "--heavy-mpx",
+        type=_bounded(float, 0.01),
+        default=16.0,
+        help="an upload decoding more megapixels than this (PNG, TIFF...; JPEGs decode at "
+        "reduced scale) takes the heavy lane [16]",
+    )
+    serve.add_argument(
+        "--heavy-uploads",
+        type=_bounded(int, 1, 1024),
+        default=4,
+        help="heavy uploads decoding or waiting at most; beyond, 503 with Retry-After [4]",
     )
     query_weights(serve)
     serve.set_defaults(func=_guarded(cmd_serve))

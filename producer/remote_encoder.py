@@ -5,16 +5,25 @@ to ``<queue>.queries`` and waits for the result in the Redis result backend.  Th
 process then needs no model and no TensorFlow.  When no worker answers within
 ``timeout`` seconds, it raises ``NoWorkerAnswered`` with what to check.  A worker built for
 another code spec answers ``spec_mismatch`` for every image.
+
+Several calls may be in flight at once (``concurrent_batches``, 4 by default): the service
+sends its micro-batches from several threads, and each heavy upload alone, so one slow
+batch does not hold every query behind it.  Each call borrows one of as many Celery apps,
+each with its own broker and result-backend connections: Celery's Redis result consumer
+is not safe to share between threads (celery/celery#4480, #6335).  ``decoded_pixels``
+reads an upload's header here (nothing decoded) for the service's admission.
 """
 
 from __future__ import annotations
 
 import base64
+import queue
+from typing import Any
 
 import numpy as np
 from kombu.utils.url import maybe_sanitize_url
 
-from encoder.images import ImageStatus, LoadResult
+from encoder.images import ImageLoader, ImageStatus, LoadResult
 from encoder.settings import Settings
 from encoder.spec import CodeSpec
 from jobs.celery_app import make_app
@@ -26,16 +35,47 @@ from jobs.messages import (
     NoWorkerAnswered,
 )
 
+DEFAULT_CONCURRENT_BATCHES = 4
+
 
 class RemoteQueryEncoder:
-    def __init__(self, settings: Settings, spec: CodeSpec, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        spec: CodeSpec,
+        timeout: float = 30.0,
+        concurrent_batches: int = DEFAULT_CONCURRENT_BATCHES,
+    ) -> None:
         self.settings = settings
         self.spec = spec
         self.timeout = timeout  # s
         self.queue = settings.queue + QUERY_QUEUE_SUFFIX
-        self.app = make_app(settings)
+        self.concurrent_batches = max(1, concurrent_batches)
+        self._apps: queue.Queue[Any] = queue.Queue()
+        for _ in range(self.concurrent_batches):
+            app = make_app(settings)
+            # One backend per app whatever thread borrows it (not one per thread, each with
+            # its own connections): an app serves one call at a time.
+            app.conf.result_backend_thread_safe = True
+            self._apps.put(app)
+        self._header_reader = ImageLoader("/", spec.input_size)
+
+    def decoded_pixels(self, data: bytes) -> int | None:
+        """The pixels a worker will decode for ``data``, from its header (for admission)."""
+        return self._header_reader.decoded_pixels(data)
 
     def encode(self, images: list[tuple[str, bytes]]) -> tuple[list[LoadResult], np.ndarray]:
+        """One call to a worker; safe from up to ``concurrent_batches`` threads at once
+        (more wait for a free app)."""
+        app = self._apps.get()
+        try:
+            return self._encode(app, images)
+        finally:
+            self._apps.put(app)
+
+    def _encode(
+        self, app: Any, images: list[tuple[str, bytes]]
+    ) -> tuple[list[LoadResult], np.ndarray]:
         from celery.exceptions import TimeoutError as CeleryTimeout
 
         message = EncodeImagesMessage(
@@ -43,7 +83,7 @@ class RemoteQueryEncoder:
             [name for name, _ in images],
             [base64.b64encode(data).decode("ascii") for _, data in images],
         )
-        pending = self.app.send_task(
+        pending = app.send_task(
             ENCODE_IMAGES, kwargs=message.to_kwargs(), queue=self.queue, expires=self.timeout
         )
         try:

@@ -4,7 +4,8 @@
 per image and one packed code per ok image out.  ``EmbeddedQueryEncoder`` builds the
 model that the destination's spec describes, in this process, and decodes through the
 same ``ImageLoader`` as the encoder (a bad query image gets its status, never an
-exception).  A spec this installation cannot reproduce (other weights, another Keras for
+exception); the service decodes uploads apart from the model call (``decode``, then
+``encode_pixels``).  A spec this installation cannot reproduce (other weights, another Keras for
 ImageNet weights...) is refused with the differing fields named.  The Celery workers can
 encode queries too (``producer.RemoteQueryEncoder``), with the same interface.
 """
@@ -34,6 +35,11 @@ class QueryEncoder(Protocol):
 
     def encode(self, images: list[QueryImage]) -> tuple[list[LoadResult], np.ndarray]:
         """One result per image, and ``(n_ok, bytes_per_code)`` codes of the ok ones."""
+        ...
+
+    def decoded_pixels(self, data: bytes) -> int | None:
+        """The pixels decoding ``data`` takes, read from its header alone (the service's
+        admission: ``search.admission``); None when the header does not say."""
         ...
 
 
@@ -87,12 +93,24 @@ class EmbeddedQueryEncoder:
         self.loader = ImageLoader(self._tmp.name, self.encoder.input_size, max_file_bytes)
 
     def encode(self, images: list[QueryImage]) -> tuple[list[LoadResult], np.ndarray]:
-        results = [self.loader.load_bytes(data, name) for name, data in images]
-        pixels = [r.pixels for r in results if r.ok]
-        codes = self.encoder.encode(np.stack(pixels)) if pixels else self.encoder.empty_codes
+        results = [self.decode(data, name) for name, data in images]
+        codes = self.encode_pixels([r.pixels for r in results if r.ok])
         for r in results:
             r.pixels = None
         return results, codes
+
+    def decoded_pixels(self, data: bytes) -> int | None:
+        """The pixel count decoding ``data`` takes, from its header (for admission)."""
+        return self.loader.decoded_pixels(data)
+
+    def decode(self, data: bytes, name: str) -> LoadResult:
+        """One image decoded and resized to the model's input (``pixels``), or its status;
+        thread-safe, so the service decodes uploads outside the model batch."""
+        return self.loader.load_bytes(data, name)
+
+    def encode_pixels(self, pixels: list[np.ndarray]) -> np.ndarray:
+        """Packed codes of decoded images, in one model call."""
+        return self.encoder.encode(np.stack(pixels)) if pixels else self.encoder.empty_codes
 
     def warm_up(self) -> None:
         self.encoder.warm_up()
@@ -119,9 +137,22 @@ def answer_queries(
     index: Any, encoder: QueryEncoder, images: list[QueryImage], k: int
 ) -> list[QueryResult]:
     """Encode ``images`` with ``encoder`` and search ``index`` for each ok one."""
+    check_encoder(index, encoder)
+    results, codes = encoder.encode(images)
+    return search_codes(index, results, codes, k)
+
+
+def check_encoder(index: Any, encoder: QueryEncoder) -> None:
+    """Refuse an encoder whose codes cannot be compared with the index's."""
     if encoder.spec.fingerprint != index.spec.fingerprint:
         index.spec.check_compatible(encoder.spec, what="the stored codes and this query encoder")
-    results, codes = encoder.encode(images)
+
+
+def search_codes(
+    index: Any, results: list[LoadResult], codes: np.ndarray, k: int
+) -> list[QueryResult]:
+    """One ``QueryResult`` per load result: the neighbours of its code when it is ok
+    (``codes`` holds one row per ok result, in order), its status otherwise."""
     found = iter(index.search(codes, k) if len(codes) else [])
     return [
         QueryResult(r.id, str(r.status), r.error, next(found).to_json() if r.ok else [])

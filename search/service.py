@@ -6,17 +6,22 @@ Endpoints:
 - ``POST /search``: a multipart upload (field ``image``) and ``k``; answers with the
   same JSON as ``imgenc search --json``: ``{"query", "status", "results": [{"id",
   "distance"}...]}``.  A broken or hostile image gets 422 with the loader's status and
-  reason; an upload over the cap gets 413;
+  reason; an upload over the cap gets 413; one that its decode lane cannot admit now gets
+  503 with ``Retry-After`` (``search.admission``);
 - ``GET /similar/{id}``: the neighbours of a catalogue image (404 for an unknown id);
 - ``GET /duplicates``: the near-duplicate groups (``?max_distance=``);
 - ``GET /thumb/{id}``: a small JPEG of a catalogue image: only ids of the index, read
   inside the image root;
 - ``GET /healthz``: what is indexed, when it was last compared with the destination
-  (``checked_at``, every ``refresh_seconds``), batching figures.
+  (``checked_at``, every ``refresh_seconds``), batching figures, and the uploads in
+  progress and refused (``uploads_in_progress``, ``refused_uploads``).  It never goes
+  through the decode lanes, so it answers during a flood of uploads.
 
-Query images are encoded through a ``MicroBatcher``: uploads that arrive together share
-one model call.  The encoder is the destination's model in this process, or the Celery
-workers (``--workers``).  A background thread brings the index up to date with the
+Uploads are admitted by their header's pixel count and decoded in ``DecodeLanes``
+(``search.admission``), outside the ``MicroBatcher``; decoded images that arrive together
+share one model call.  The encoder is the destination's model in this process, or the
+Celery workers (``--workers``: they decode; the service admits, and keeps several
+micro-batches in flight).  A background thread brings the index up to date with the
 destination every ``refresh_seconds``; the app's lifespan starts and stops both threads.
 ``auth=(user, password)`` puts everything but ``/healthz`` behind HTTP basic auth
 (Starlette's ``AuthenticationMiddleware``); uploads are capped by ``UploadCap``, a route
@@ -56,13 +61,21 @@ from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import HTTPConnection
 
-from encoder.images import ImageLoader
+from encoder.images import ImageLoader, LoadResult
 from encoder.storage import StorageError
+from search.admission import DecodeLanes, Overloaded
 from search.batching import MicroBatcher
 from search.duplicate_fit import NoThreshold
 from search.duplicates import DuplicateGroups, find_duplicates
 from search.index import Index
-from search.query_encoder import QueryEncoder, QueryImage, QueryResult, answer_queries
+from search.query_encoder import (
+    QueryEncoder,
+    QueryImage,
+    QueryResult,
+    answer_queries,
+    check_encoder,
+    search_codes,
+)
 
 log = logging.getLogger("imgenc.search")
 
@@ -76,8 +89,9 @@ MAX_K = 200
 @dataclass
 class Query:
     name: str
-    data: bytes
+    data: bytes  # the upload, when the encoder decodes it (the Celery workers)
     k: int
+    loaded: LoadResult | None = None  # the upload decoded here, with its pixels
 
 
 class SearchService:
@@ -91,12 +105,16 @@ class SearchService:
         max_batch: int = 32,
         max_wait: float = 0.005,
         refresh_seconds: float = 30.0,
+        lanes: DecodeLanes | None = None,
     ) -> None:
         self.index = index
         self.encoder = encoder
         self.image_root = image_root
+        self.lanes = lanes or DecodeLanes()
+        # The embedded model decodes uploads here, in the lanes; the workers decode their own.
+        self.decodes_here = callable(getattr(encoder, "decode", None))
         self.batcher: MicroBatcher[Query, QueryResult] = MicroBatcher(
-            self._answer, max_batch, max_wait
+            self._answer, max_batch, max_wait, getattr(encoder, "concurrent_batches", 1)
         )
         self._thumbs: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self._thumb_lock = threading.Lock()
@@ -123,10 +141,39 @@ class SearchService:
         if self._refresher is not None:
             self._refresher.join(timeout=10)
 
+    async def answer_upload(self, name: str, data: bytes, k: int) -> QueryResult:
+        """An upload's answer: admitted to its lane by the header's pixel count (else
+        ``Overloaded``), decoded there, then encoded in a micro-batch and searched.  With
+        the workers, a heavy upload is sent alone, holding its place until answered."""
+        admission = self.lanes.admit(self.encoder.decoded_pixels(data))
+        if self.decodes_here:
+            decode = self.encoder.decode  # type: ignore[attr-defined]
+            loaded = await asyncio.wrap_future(
+                self.lanes.run(admission, lambda: decode(data, name))
+            )
+            if not loaded.ok:
+                return QueryResult(name, str(loaded.status), loaded.error)
+            future = self.batcher.submit(Query(name, b"", k, loaded))
+        elif admission.heavy:
+            future = self.lanes.run(admission, lambda: self._answer([Query(name, data, k)])[0])
+        else:
+            future = self.batcher.submit(Query(name, data, k))
+            future.add_done_callback(admission.release)
+        return await asyncio.wrap_future(future)
+
     def _answer(self, queries: list[Query]) -> list[QueryResult]:
         k = max(q.k for q in queries)
-        images: list[QueryImage] = [(q.name, q.data) for q in queries]
-        answers = answer_queries(self.index, self.encoder, images, k)
+        if self.decodes_here:  # decoded in the lanes (a query that was not is decoded now)
+            check_encoder(self.index, self.encoder)
+            encoder: Any = self.encoder  # an EmbeddedQueryEncoder
+            loaded = [q.loaded or encoder.decode(q.data, q.name) for q in queries]
+            codes = encoder.encode_pixels([r.pixels for r in loaded if r.ok])
+            for r in loaded:
+                r.pixels = None
+            answers = search_codes(self.index, loaded, codes, k)
+        else:
+            images: list[QueryImage] = [(q.name, q.data) for q in queries]
+            answers = answer_queries(self.index, self.encoder, images, k)
         for query, answer in zip(queries, answers, strict=True):
             answer.results = answer.results[: query.k]
         return answers
@@ -197,6 +244,7 @@ class SearchService:
             "refresh_seconds": self.refresh_seconds,
             "batches": self.batcher.batches,
             "queries": self.batcher.items,
+            **self.lanes.figures(),
         }
 
 
@@ -282,6 +330,13 @@ def create_app(
         middleware=middleware,
     )
     app.state.service = service
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(_: Request, exc: Overloaded) -> JSONResponse:
+        return JSONResponse(
+            {"detail": str(exc)}, 503, headers={"Retry-After": str(exc.retry_after)}
+        )
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     capped_upload = Depends(UploadCap(max_upload_bytes))
 
@@ -309,9 +364,10 @@ def create_app(
             k = int(field)
         if not 1 <= k <= MAX_K:
             raise HTTPException(422, f"k must be between 1 and {MAX_K}")
-        future = service.batcher.submit(Query(upload.filename or "upload", data, k))
         try:
-            answer = await asyncio.wait_for(asyncio.wrap_future(future), query_timeout)
+            answer = await asyncio.wait_for(
+                service.answer_upload(upload.filename or "upload", data, k), query_timeout
+            )
         except TimeoutError as exc:  # also NoWorkerAnswered, from the Celery workers
             raise HTTPException(503, str(exc) or "the query encoder did not answer") from None
         status_code = 200 if answer.status == "ok" else 422
