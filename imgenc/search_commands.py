@@ -214,6 +214,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         auth=auth,
         query_timeout=args.query_timeout + 5,
+        max_images=args.max_images,
     )
     mode = "Celery workers" if args.workers else "this process"
     print(
@@ -302,6 +303,12 @@ def add_commands(sub: argparse._SubParsersAction, add_model_args: AddModelArgs) 
     )
     serve.add_argument(
         "--max-upload-mb", type=_bounded(float, 0.001), default=20.0, help="upload cap [20]"
+    )
+    serve.add_argument(
+        "--max-images",
+        type=_bounded(int, 1, 64),
+        default=32,
+        help="images per POST /encode request [32]",
     )
     serve.add_argument(
         "--query-timeout", type=_bounded(float, 0.1), default=30.0, help="s to wait for a worker"
