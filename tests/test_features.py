@@ -178,3 +178,25 @@ def test_enqueue_features_has_the_workers_write_features_that_load_features_read
             worker.stop()
         s3.stop()
         redis.stop(kill=True)
+
+
+@pytest.mark.parametrize("runtime", ["tensorflow", "openvino"])
+def test_both_runtimes_give_the_codes_of_encode_and_the_pooled_features_from_one_pass(
+    runtime, tmp_path
+):
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
+    from encoder.runtime import load_encoder
+
+    folder = catalogue(tmp_path / "images", 4)
+    settings = make_settings(**SPATIAL, runtime=runtime, model_cache=str(tmp_path / "cache"))
+    encoder = load_encoder(settings)
+    loader = ImageLoader(folder, encoder.input_size)
+    pixels = np.stack([loader.load(f"img_{i:05d}.jpg").pixels for i in range(4)])
+    codes, pooled = encoder.encode_with_features(pixels)
+    assert (codes == encoder.encode(pixels)).all()
+    features = encoder.features(pixels)  # (4, positions, channels)
+    assert pooled.shape == (4, features.shape[-1])
+    assert np.allclose(pooled, features.mean(axis=1), rtol=1e-5, atol=1e-5)
+    empty_codes, empty = encoder.encode_with_features(pixels[:0])
+    assert empty_codes.shape == (0, encoder.spec.bytes_per_code) and len(empty) == 0
