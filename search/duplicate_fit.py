@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from encoder.codes import hamming
+from encoder.codes import hamming, read_spec
 from encoder.copies import COPY_KINDS, PixelCheck, make_copy, open_picture
 from encoder.features import Encoded, FeaturesMissing, feature_mapper, load_features
 from encoder.images import LoadResult
@@ -389,8 +389,8 @@ def fit_is_current(index: Index, growth: float = 1.25) -> bool:
         fit = read_threshold(index.storage, index.spec.fingerprint)
     except NoThreshold:
         return False
-    if fit.rescore is None and stored_features(index) is not None:
-        return False
+    if fit.rescore is None and read_spec(index.storage).features:
+        return False  # features added since: fit the re-scoring too
     return fit.images * growth >= len(index)
 
 
