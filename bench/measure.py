@@ -512,6 +512,13 @@ def backbones(ctx: Context) -> None:
     measure_backbones(ctx)
 
 
+def embeddings(ctx: Context) -> None:
+    """Float features for models and for re-scoring near-duplicates: ``bench.embeddings``."""
+    from bench.embeddings import embeddings as measure_embeddings
+
+    measure_embeddings(ctx)
+
+
 STEPS: dict[str, Callable[[Context], None]] = {
     "ceiling": compute_ceiling,
     "embedded": embedded,
@@ -526,6 +533,7 @@ STEPS: dict[str, Callable[[Context], None]] = {
     "runtime": runtime,
     "quality": quality,
     "backbones": backbones,
+    "embeddings": embeddings,
 }
 NEEDS: dict[str, tuple[str, ...]] = {  # figures a step divides by come from these steps
     "embedded": ("ceiling",),

@@ -207,13 +207,20 @@ def make_catalogue(ctx: Context) -> tuple[Path, dict[str, tuple[str, str]]]:
     return folder, made
 
 
-def truth(index: Any, made: dict[str, tuple[str, str]], photos: int, max_distance: int | None):
-    """``find_duplicates`` at ``max_distance`` (None: the fitted default): per kind, the
-    share of copies grouped with their photo; the share of photos grouped with another
-    photo or another photo's copy."""
+def truth(
+    index: Any,
+    made: dict[str, tuple[str, str]],
+    photos: int,
+    max_distance: int | None,
+    features: bool = True,
+):
+    """``find_duplicates`` at ``max_distance`` (None: the fitted default, re-scored by
+    float features where the destination has them and ``features``): per kind, the share
+    of copies grouped with their photo; the share of photos grouped with another photo or
+    another photo's copy."""
     from search.duplicates import find_duplicates
 
-    groups = find_duplicates(index, max_distance).groups
+    groups = find_duplicates(index, max_distance, features=features).groups
     group_of = {image: g for g, group in enumerate(groups) for image, _ in group}
     found: dict[str, list[bool]] = {kind: [] for kind in BENCH_COPIES}
     for copy, (photo, kind) in made.items():

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from encoder.features import feature_mapper, plan_features
 from encoder.images import ImageLoader
 from encoder.manifest import merge_manifest, status_counts
 from encoder.progress import TqdmProgress
@@ -31,6 +32,7 @@ log = logging.getLogger("imgenc")
 @dataclass
 class RunSummary(RunStats):
     skipped: int = 0  # already done in DEST (--resume)
+    features: bool = False  # the pooled float features were written too
 
     def lines(self) -> list[str]:
         head = "interrupted" if self.interrupted else "done"
@@ -62,8 +64,11 @@ def encode_folder(
     resume: bool = False,
     progress: bool = True,
     encoder: Any | None = None,
+    features: bool = False,
 ) -> RunSummary:
-    """Encode every image under ``image_dir`` into ``dest``; see ``imgenc encode --help``."""
+    """Encode every image under ``image_dir`` into ``dest``; see ``imgenc encode --help``.
+    ``features`` also writes the pooled float features (``encoder.features``); a
+    destination that has them keeps getting them."""
     from encoder.runtime import load_encoder
 
     image_dir = Path(image_dir)
@@ -73,14 +78,27 @@ def encode_folder(
     # download, a missing runtime) leaves the destination as it was.
     enc = encoder if encoder is not None else load_encoder(settings)
     storage, skip = open_destination(dest, spec, settings, resume)
+    plan = plan_features(storage, features)
+    if plan.lacking:
+        plan.check_reachable({e.id for e in scan_images(image_dir)}, str(image_dir))
+        skip = plan.adjust_skip(skip)
+    plan.accept()
     todo = sum(1 for e in scan_images(image_dir) if e.resume_key not in skip)
-    writer = ShardWriter(storage, spec, new_run_id(), settings.shard_size, settings.flush_seconds)
+    writer = ShardWriter(
+        storage,
+        spec,
+        new_run_id(),
+        settings.shard_size,
+        settings.flush_seconds,
+        features=plan.on,
+    )
     bar = TqdmProgress(todo, progress)
+    mapper, empty = feature_mapper(enc) if plan.on else (enc.encode, enc.empty_codes)
     runner = Runner(
         ImageLoader(image_dir, enc.input_size),
-        enc.encode,
+        mapper,
         writer,
-        enc.empty_codes,
+        empty,
         settings.batch,
         settings.decode_threads,
         bar,
@@ -111,4 +129,4 @@ def encode_folder(
                 exc,
                 dest,
             )
-    return RunSummary(**vars(stats), skipped=skipped)
+    return RunSummary(**vars(stats), skipped=skipped, features=plan.on)

@@ -37,7 +37,7 @@ from encoder.codes import pack_bits
 from encoder.fitted_planes import read_planes
 from encoder.model import build_model, feature_model
 from encoder.planes import hash_features, hyperplanes
-from encoder.runtime import warm_up
+from encoder.runtime import pooled, warm_up
 from encoder.settings import Settings
 from encoder.spec import CodeSpec, file_sha256, spec_for
 
@@ -179,6 +179,13 @@ class OpenVinoEncoder:
         if pixels.shape[0] == 0:
             return self.empty_codes
         return pack_bits(self.bits(pixels))
+
+    def encode_with_features(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if pixels.shape[0] == 0:
+            return self.empty_codes, np.zeros((0, self.backbone.channels), np.float32)
+        features = self.features(pixels)
+        codes = pack_bits(hash_features(features, self.planes, self.center))
+        return codes, pooled(features)
 
     def warm_up(self) -> None:
         warm_up(self)

@@ -47,6 +47,11 @@ class Encoder(Protocol):
         channels)`` for the spatial layout, ``(n, channels)`` for pooled."""
         ...
 
+    def encode_with_features(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Packed codes and the pooled float features (``(n, channels)`` float32: the
+        spatial layout's features averaged over positions), from one forward pass."""
+        ...
+
     def warm_up(self) -> None:
         """Run one batch, so that the first real one pays no tracing or compiling."""
         ...
@@ -56,6 +61,15 @@ def load_encoder(settings: Settings) -> Encoder:
     """The encoder of ``settings.runtime`` for ``settings``."""
     module, _, name = RUNTIME_CLASSES[settings.runtime].partition(":")
     return getattr(importlib.import_module(module), name)(settings)
+
+
+def pooled(features: np.ndarray) -> np.ndarray:
+    """``(n, positions, channels)`` or ``(n, h, w, channels)`` features averaged over
+    positions; ``(n, channels)`` ones as they are (float32)."""
+    features = np.asarray(features, np.float32)
+    if features.ndim > 2:
+        features = features.reshape(features.shape[0], -1, features.shape[-1]).mean(axis=1)
+    return features
 
 
 def warm_up(encoder: Encoder) -> None:

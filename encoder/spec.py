@@ -2,9 +2,9 @@
 
 Two sets of codes can be compared only if their *compatibility fields* match (backbone,
 layout, bits, seed, planes, weights, input size, resize, precision, centre).  Library
-versions are recorded for the record but not compared.  ``fingerprint`` is a short hash
-of the compatibility fields that travels in every task message, so a worker can refuse
-work it would encode differently.  Computing a spec never imports TensorFlow.
+versions, and the destination option ``features``, are recorded but not compared.
+``fingerprint`` is a short hash of the compatibility fields that travels in every task
+message, so a worker can refuse work it would encode differently.  Computing a spec never imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -77,6 +77,9 @@ class CodeSpec:
     calibration_sha256: str | None = None  # int8: the SHA-256 of the calibration sample
     planes_method: str = "random"  # or "center" / "itq": fitted by `imgenc fit-planes`
     planes_file_sha256: str | None = None  # the planes file's SHA-256, when fitted
+    # A destination option, not a compatibility field (outside the fingerprint): the
+    # destination also keeps the pooled float features, float16 features/<shard>.npy.
+    features: bool = False
     spec_version: int = SPEC_VERSION
     libraries: dict[str, str] = field(default_factory=dict)
 

@@ -11,7 +11,7 @@ from encoder.backbones import get_backbone
 from encoder.centering import load_center
 from encoder.codes import pack_bits
 from encoder.model import build_model, feature_model
-from encoder.runtime import warm_up
+from encoder.runtime import pooled, warm_up
 from encoder.settings import Settings
 from encoder.spec import CodeSpec, spec_for
 from encoder.tensorflow_import import tensorflow
@@ -35,6 +35,7 @@ class TensorFlowEncoder:
             reduce_retracing=True,
         )
         self._features: Any = None
+        self._both: Any = None
 
     @property
     def input_size(self) -> int:
@@ -50,6 +51,24 @@ class TensorFlowEncoder:
             )
         out = self._features(pixels).numpy()
         return out.reshape(out.shape[0], -1, out.shape[-1]) if out.ndim == 4 else out
+
+    def encode_with_features(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if pixels.shape[0] == 0:
+            return self.empty_codes, np.zeros((0, self.backbone.channels), np.float32)
+        if self._both is None:
+            tf = tensorflow()
+            import keras
+
+            extractor = feature_model(self.model)
+            both = keras.Model(self.model.input, [self.model.output, extractor.output])
+            self._both = tf.function(
+                lambda x: [
+                    tf.cast(y, tf.float32) for y in both(tf.cast(x, tf.float32), training=False)
+                ],
+                input_signature=self._signature,
+            )
+        bits, features = self._both(pixels)
+        return pack_bits(bits.numpy().astype(np.uint8)), pooled(features.numpy())
 
     def bits(self, pixels: np.ndarray) -> np.ndarray:
         return self._forward(pixels).numpy()

@@ -4,8 +4,9 @@ Shards are named ``<run id>-<number>`` (``shard_name``) everywhere.  ``imgenc en
 lets the writer cut shards by size and age, numbered from 0 under a run id of its own;
 the Celery worker writes one shard per chunk, numbered by the chunk under the job's id,
 so a redelivered chunk overwrites the same keys.  Each flush writes the ``.npy`` shard
-first and its manifest part second, both atomically, so an interrupted run never leaves a
-manifest row without its code.
+first (and, with ``features``, the float16 ``features/<shard>.npy`` of the same rows)
+and its manifest part last, all atomically, so an interrupted run never leaves a manifest
+row without its code (or its features).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from encoder.features import FEATURES_DTYPE, Encoded, features_key
 from encoder.images import LoadResult
 from encoder.manifest import (
     CALIBRATION_KEY,
@@ -99,8 +101,11 @@ class ShardWriter:
         flush_seconds: float = 60.0,
         host: str | None = None,
         first_shard: int = 0,
+        features: bool = False,
     ) -> None:
-        """``shard_size=0`` never flushes by itself: one shard per ``flush()`` call."""
+        """``shard_size=0`` never flushes by itself: one shard per ``flush()`` call.
+        ``features``: ``add`` gets ``Encoded`` (codes and pooled features), and each shard
+        has its features shard."""
         self.storage = storage
         self.spec = spec
         self.job_id = job_id
@@ -109,16 +114,26 @@ class ShardWriter:
         self.host = host or socket.gethostname()
         self._results: list[LoadResult] = []
         self._codes: list[np.ndarray] = []
+        self._features: list[np.ndarray] = []
+        self.features = features
         self._n_codes = 0
         self._opened = time.monotonic()
         self._next_shard = first_shard
         self.counts: dict[str, int] = {}
 
-    def add(self, results: list[LoadResult], codes: np.ndarray) -> None:
-        """``codes`` holds one packed row per ok result, in the order of ``results``."""
+    def add(self, results: list[LoadResult], codes: np.ndarray | Encoded) -> None:
+        """``codes`` holds one packed row per ok result, in the order of ``results`` (with
+        ``features``, an ``Encoded``: the codes and their pooled features)."""
         n_ok = sum(r.ok for r in results)
+        features = None
+        if isinstance(codes, Encoded):
+            codes, features = codes
         if codes.shape[0] != n_ok:
             raise ValueError(f"{codes.shape[0]} codes for {n_ok} ok images")
+        if self.features and n_ok:
+            if features is None or features.shape[0] != n_ok:
+                raise ValueError(f"features for {n_ok} ok images expected")
+            self._features.append(np.asarray(features, FEATURES_DTYPE))
         if not self._results:
             self._opened = time.monotonic()
         self._results.extend(results)
@@ -144,6 +159,9 @@ class ShardWriter:
         shard_key = f"{CODES_PREFIX}/{name}.npy"
         if codes.shape[0]:
             self.storage.put(shard_key, npy_bytes(codes))
+            if self.features:
+                features = np.concatenate(self._features)
+                self.storage.put(features_key(shard_key), npy_bytes(features))
         now = datetime.now(timezone.utc).isoformat(timespec="microseconds")
         rows: list[Row] = []
         row_index = 0
@@ -157,7 +175,7 @@ class ShardWriter:
         # Counted once written: a flush retried after a storage error counts its rows once.
         for row in rows:
             self.counts[row["status"]] = self.counts.get(row["status"], 0) + 1
-        self._results, self._codes, self._n_codes = [], [], 0
+        self._results, self._codes, self._features, self._n_codes = [], [], [], 0
         self._next_shard += 1
         return name
 

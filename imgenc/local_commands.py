@@ -28,6 +28,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
             resume=args.resume,
             progress=not args.no_progress,
             encoder=encoder,
+            features=args.features,
         )
     except (
         WeightsUnavailable,
@@ -48,6 +49,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
         return 2
     for line in summary.lines():
         print(line)
+    if summary.features:
+        print(features_line(encoder.spec, args.out))
     if summary.interrupted:
         print("interrupted: rerun with --resume to encode the rest", file=sys.stderr)
         return 130
@@ -56,6 +59,16 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if args.strict and summary.failed:
         return 1
     return 0
+
+
+def features_line(spec: object, dest: str) -> str:
+    from encoder.features import feature_bytes
+
+    size = feature_bytes(spec)
+    return (
+        f"features: {size // 2} float16 values ({size:,} B) per ok image in {dest}/features, "
+        "row-aligned with the codes (encoder.load_features)"
+    )
 
 
 def fit_after_encode(args: argparse.Namespace, encoder: object) -> None:
@@ -175,6 +188,12 @@ def add_commands(sub: argparse._SubParsersAction, add_model_args: AddModelArgs) 
         help="skip images already ok in --out (same path, size and mtime)",
     )
     encode.add_argument("--strict", action="store_true", help="exit 1 if any image failed")
+    encode.add_argument(
+        "--features",
+        action="store_true",
+        help="also keep the pooled float features, float16 features/<shard>.npy (sticks "
+        "to the destination; on one without them, fills them for its ok images)",
+    )
     encode.add_argument(
         "--no-dedup-fit",
         action="store_true",

@@ -64,6 +64,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             resume=args.resume,
             stop=stop,
             dedup_fit=not args.no_dedup_fit,
+            features=args.features,
         )
     except (SpecMismatch, NotADirectoryError, FileNotFoundError, ValueError) as exc:
         print(f"imgenc: error: {exc}", file=sys.stderr)
@@ -150,6 +151,11 @@ def add_commands(sub: argparse._SubParsersAction, add_model_args: AddModelArgs) 
         help="enqueue only images the destination's manifest does not show ok",
     )
     enqueue.add_argument("--wait", action="store_true", help="follow the job until it is done")
+    enqueue.add_argument(
+        "--features",
+        action="store_true",
+        help="the workers also keep the pooled float features, float16 features/<shard>.npy",
+    )
     enqueue.add_argument(
         "--strict", action="store_true", help="with --wait: exit 1 if any image failed"
     )

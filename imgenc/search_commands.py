@@ -137,7 +137,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
 
     index = _open_index(args)
     try:
-        groups = find_duplicates(index, args.max_distance)
+        groups = find_duplicates(index, args.max_distance, features=not args.no_features)
     except NoThreshold:
         # An older destination, or one fitted for other codes: fit now if its images and
         # its model can be reached, else say how.
@@ -156,7 +156,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
             _fit(args, index)
         except TooFewImages as exc:
             return _error(f"{exc}; pass --max-distance")
-        groups = find_duplicates(index, args.max_distance)
+        groups = find_duplicates(index, args.max_distance, features=not args.no_features)
     if args.out:
         with open(args.out, "w", encoding="utf-8", newline="") as f:
             f.write(groups.to_csv())
@@ -222,6 +222,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         auth=auth,
         query_timeout=args.query_timeout + 5,
+        max_images=args.max_images,
     )
     mode = "Celery workers" if args.workers else "this process"
     print(
@@ -281,6 +282,12 @@ def add_commands(sub: argparse._SubParsersAction, add_model_args: AddModelArgs) 
         help="most bits two copies may differ by [the threshold fitted on DEST's own images]",
     )
     dedup.add_argument("--out", help="CSV of the groups: group, id, distance to the kept image")
+    dedup.add_argument(
+        "--no-features",
+        action="store_true",
+        help="codes alone: do not re-score the pairs near the threshold with DEST's float "
+        "features (kept with --features)",
+    )
     fit_flags(dedup)
     dedup.set_defaults(func=_guarded(cmd_dedup))
 
@@ -310,6 +317,12 @@ def add_commands(sub: argparse._SubParsersAction, add_model_args: AddModelArgs) 
     )
     serve.add_argument(
         "--max-upload-mb", type=_bounded(float, 0.001), default=20.0, help="upload cap [20]"
+    )
+    serve.add_argument(
+        "--max-images",
+        type=_bounded(int, 1, 64),
+        default=32,
+        help="images per POST /encode request [32]",
     )
     serve.add_argument(
         "--query-timeout", type=_bounded(float, 0.1), default=30.0, help="s to wait for a worker"

@@ -39,16 +39,20 @@ class ChunkMessage:
     dest: str
     fingerprint: str  # the code spec the job expects (CodeSpec.fingerprint)
     paths: list[str]
+    features: bool = False  # also write the pooled float features (optional field)
 
     def to_kwargs(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not self.features:  # a message without features reads as before
+            del data["features"]
+        return data
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> ChunkMessage:
         """The message, or ``MalformedMessage`` naming every problem found."""
         names = {f.name for f in fields(cls)}
         problems = [f"unknown field {k!r}" for k in kwargs if k not in names]
-        problems += [f"missing field {n!r}" for n in names if n not in kwargs]
+        problems += [f"missing field {n!r}" for n in names if n not in kwargs and n != "features"]
         if problems:
             raise MalformedMessage("; ".join(problems))
         job_id, chunk, dest = kwargs["job_id"], kwargs["chunk"], kwargs["dest"]
@@ -67,9 +71,12 @@ class ChunkMessage:
             problems.append(f"{len(paths)} paths is over the {MAX_PATHS_PER_CHUNK} limit")
         elif not all(isinstance(p, str) and 0 < len(p) <= MAX_PATH_LENGTH for p in paths):
             problems.append("a path is not a non-empty string")
+        features = kwargs.get("features", False)
+        if not isinstance(features, bool):
+            problems.append("features is not true or false")
         if problems:
             raise MalformedMessage("; ".join(problems))
-        return cls(job_id, chunk, dest, fingerprint, paths)
+        return cls(job_id, chunk, dest, fingerprint, paths, features)
 
 
 @dataclass(frozen=True)
@@ -103,16 +110,21 @@ class EncodeImagesMessage:
     fingerprint: str
     names: list[str]
     images: list[str]  # base64 of each file's bytes
+    features: bool = False  # answer the pooled float features too (optional field)
 
     def to_kwargs(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not self.features:
+            del data["features"]
+        return data
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> EncodeImagesMessage:
-        if set(kwargs) != {"fingerprint", "names", "images"}:
+        if set(kwargs) - {"features"} != {"fingerprint", "names", "images"}:
             raise MalformedMessage(f"fields {sorted(kwargs)} are not fingerprint, names, images")
         fingerprint, names, images = kwargs["fingerprint"], kwargs["names"], kwargs["images"]
-        problems = []
+        features = kwargs.get("features", False)
+        problems = [] if isinstance(features, bool) else ["features is not true or false"]
         if not isinstance(fingerprint, str):
             problems.append("bad fingerprint")
         if not (isinstance(names, list) and isinstance(images, list)) or len(names) != len(images):
@@ -125,7 +137,7 @@ class EncodeImagesMessage:
             problems.append("a name is not a string")
         if problems:
             raise MalformedMessage("; ".join(problems))
-        return cls(fingerprint, names, images)
+        return cls(fingerprint, names, images, features)
 
 
 @dataclass(frozen=True)
@@ -137,10 +149,17 @@ class EncodedImages:
     statuses: list[str]
     errors: list[str]
     codes: str  # base64 of (n_ok * bytes_per_code) bytes
+    features: str = ""  # on request: base64 of (n_ok, channels) float32, little-endian
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EncodedImages:
-        return cls(data["fingerprint"], data["statuses"], data["errors"], data["codes"])
+        return cls(
+            data["fingerprint"],
+            data["statuses"],
+            data["errors"],
+            data["codes"],
+            data.get("features", ""),
+        )

@@ -20,6 +20,7 @@ from typing import Any
 
 from kombu.utils.url import maybe_sanitize_url
 
+from encoder.features import plan_features
 from encoder.scan import scan_images
 from encoder.settings import Settings, process_settings
 from encoder.spec import spec_for
@@ -119,6 +120,7 @@ def enqueue(
     image_root: str | Path | None = None,
     stop: threading.Event | None = None,
     dedup_fit: bool = True,
+    features: bool = False,
     **model: Any,
 ) -> Job:
     """Register a job and enqueue every image under ``image_dir``; returns the ``Job``.
@@ -134,6 +136,10 @@ def enqueue(
 
     ``dedup_fit=False`` skips the job's last step, the near-duplicate threshold fitted on
     the destination by a worker.
+
+    ``features`` has the workers write the pooled float features too (``encoder.features``:
+    it sticks to a destination that has them, and fills them for the ok images of one
+    that had none).
     """
     settings = (settings or process_settings()).override(
         {
@@ -153,6 +159,11 @@ def enqueue(
     registry = JobRegistry.from_url(settings.broker_url)
     registry.r.ping()  # an unreachable broker fails here, before anything is written
     storage, skip = open_destination(out, spec, settings, resume)
+    plan = plan_features(storage, features)
+    if plan.lacking:
+        plan.check_reachable({rel for rel, _ in _relative_ids(image_dir, prefix)}, str(image_dir))
+        skip = plan.adjust_skip(skip)
+    plan.accept()
     out = storage.url  # a local destination as an absolute path, the same for every worker
 
     job_id = uuid.uuid4().hex[:12]
@@ -171,7 +182,7 @@ def enqueue(
     with app.connection_for_write() as connection:
 
         def send(number: int, paths: list[str]) -> None:
-            message = ChunkMessage(job_id, number, str(out), spec.fingerprint, paths)
+            message = ChunkMessage(job_id, number, str(out), spec.fingerprint, paths, plan.on)
             app.send_task(
                 ENCODE_CHUNK,
                 kwargs=message.to_kwargs(),

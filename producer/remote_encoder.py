@@ -1,7 +1,8 @@
 """``RemoteQueryEncoder``: query images encoded by the Celery workers, not in this process.
 
-It sends one ``imgenc.encode_images`` message per batch of query images (base64 in JSON)
-to ``<queue>.queries`` and waits for the result in the Redis result backend.  The web
+It sends one ``imgenc.encode_images`` message per batch of query images (base64 in JSON;
+asking for the pooled float features too for ``POST /encode?features=true``) to
+``<queue>.queries`` and waits for the result in the Redis result backend.  The web
 process then needs no model and no TensorFlow.  When no worker answers within
 ``timeout`` seconds, it raises ``NoWorkerAnswered`` with what to check.  A worker built for
 another code spec answers ``spec_mismatch`` for every image.
@@ -67,21 +68,34 @@ class RemoteQueryEncoder:
     def encode(self, images: list[tuple[str, bytes]]) -> tuple[list[LoadResult], np.ndarray]:
         """One call to a worker; safe from up to ``concurrent_batches`` threads at once
         (more wait for a free app)."""
+        results, codes, _ = self._ask(images, features=False)
+        return results, codes
+
+    def encode_with_features(
+        self, images: list[tuple[str, bytes]]
+    ) -> tuple[list[LoadResult], np.ndarray, np.ndarray]:
+        """The same, and the ok images' pooled float features."""
+        return self._ask(images, features=True)
+
+    def _ask(
+        self, images: list[tuple[str, bytes]], features: bool
+    ) -> tuple[list[LoadResult], np.ndarray, np.ndarray]:
         app = self._apps.get()
         try:
-            return self._encode(app, images)
+            return self._call(app, images, features)
         finally:
             self._apps.put(app)
 
-    def _encode(
-        self, app: Any, images: list[tuple[str, bytes]]
-    ) -> tuple[list[LoadResult], np.ndarray]:
+    def _call(
+        self, app: Any, images: list[tuple[str, bytes]], features: bool
+    ) -> tuple[list[LoadResult], np.ndarray, np.ndarray]:
         from celery.exceptions import TimeoutError as CeleryTimeout
 
         message = EncodeImagesMessage(
             self.spec.fingerprint,
             [name for name, _ in images],
             [base64.b64encode(data).decode("ascii") for _, data in images],
+            features,
         )
         pending = app.send_task(
             ENCODE_IMAGES, kwargs=message.to_kwargs(), queue=self.queue, expires=self.timeout
@@ -102,6 +116,10 @@ class RemoteQueryEncoder:
         ]
         raw = base64.b64decode(answer.codes) if answer.codes else b""
         codes = np.frombuffer(raw, np.uint8).reshape(-1, self.spec.bytes_per_code)
-        if codes.shape[0] != sum(r.ok for r in results):
+        n_ok = sum(r.ok for r in results)
+        if codes.shape[0] != n_ok:
             raise ValueError("the worker's answer holds a code count that does not match")
-        return results, codes
+        pooled = np.frombuffer(base64.b64decode(answer.features), "<f4") if features else None
+        if pooled is None or n_ok == 0:
+            return results, codes, np.zeros((n_ok, 0), np.float32)
+        return results, codes, pooled.reshape(n_ok, -1).astype(np.float32)

@@ -41,12 +41,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from encoder.codes import hamming
+from encoder.codes import hamming, read_spec
 from encoder.copies import COPY_KINDS, PixelCheck, make_copy, open_picture
+from encoder.features import Encoded, FeaturesMissing, feature_mapper, load_features
 from encoder.images import LoadResult
 from encoder.storage import Storage
 from search.catalogue import CatalogueImages
 from search.index import Index
+from search.rescore import Rescore, fit_rescore
 
 log = logging.getLogger("imgenc.search")
 
@@ -96,6 +98,12 @@ class DuplicateThreshold:
     limited_by: str  # "false pairs", "farthest copy" or "half the bits"
     fitted_at: float = field(default_factory=time.time)
     method: str = "copies of a sample; distinct distances with pixel-checked copies passed over"
+    # Where the destination keeps float features: the re-scoring of the candidates near
+    # the threshold by cosine (search.rescore.Rescore as a dict), fitted the same way.
+    rescore: dict[str, Any] | None = None
+
+    def rescoring(self) -> Rescore | None:
+        return Rescore(**self.rescore) if self.rescore else None
 
     @property
     def found_all(self) -> float:
@@ -103,12 +111,14 @@ class DuplicateThreshold:
 
     def summary(self) -> str:
         kinds = ", ".join(f"{k} {v:.0%}" for k, v in self.found.items())
-        return (
+        text = (
             f"max distance {self.max_distance} of {self.bits} bits "
             f"({self.max_distance / self.bits:.1%}), fitted on this destination's "
             f"{self.images} images: expected to find {self.found_all:.0%} of copies ({kinds}) "
             f"and to pair {self.false_pairs:.1%} of distinct images"
         )
+        rescore = self.rescoring()
+        return f"{text}; {rescore.summary()}" if rescore else text
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1) + "\n"
@@ -136,6 +146,12 @@ def save_threshold(storage: Storage, fit: DuplicateThreshold) -> None:
     storage.put(fit_key(fit.fingerprint), fit.to_json().encode())
 
 
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(a @ b) / norm if norm > 0 else 0.0
+
+
 def _sample(ids: Sequence[str], fingerprint: str, n: int) -> list[str]:
     """``n`` ids, the same for the same destination, spread over the whole catalogue."""
     return sorted(ids, key=lambda i: hashlib.sha256(f"{fingerprint}/{i}".encode()).digest())[:n]
@@ -148,11 +164,16 @@ def copy_distances(
     kinds: Sequence[str],
     sample: Sequence[str],
     progress: Callable[[int], None] = lambda n: None,
+    stored: Callable[[str], np.ndarray] | None = None,
+    cosines: dict[str, list[float]] | None = None,
 ) -> dict[str, list[int]]:
     """For each kind, the distances between copies of the ``sample`` images and the
     originals' stored codes.  An image that cannot be read, or whose file no longer gives
-    its stored code (it changed since), is left out."""
+    its stored code (it changed since), is left out.  When ``encode`` gives ``Encoded``
+    (codes and pooled features) and ``stored`` gives an original's stored features,
+    ``cosines`` gets, per kind and in the same order, each copy's cosine to them."""
     distances: dict[str, list[int]] = {k: [] for k in kinds}
+    scores: dict[str, list[tuple[int, float]]] = {k: [] for k in kinds}
     # A file re-encoded in another batch may differ in a bit or two; more means it changed.
     tolerance = max(1, int(np.prod(index.spec.code_shape)) // 50)
     pending: list[tuple[str, str, np.ndarray]] = []  # (kind or "", id, pixels)
@@ -160,16 +181,25 @@ def copy_distances(
     def flush() -> None:
         if not pending:
             return
-        codes = encode(np.stack([p for _, _, p in pending]))
+        out = encode(np.stack([p for _, _, p in pending]))
+        codes, pooled = (out.codes, out.features) if isinstance(out, Encoded) else (out, None)
         fresh: dict[str, int] = {}
-        for (kind, image_id, _), code in zip(pending, codes, strict=True):
+        for row, ((kind, image_id, _), code) in enumerate(zip(pending, codes, strict=True)):
             d = int(hamming(code, index.code(image_id)[None])[0, 0])
             if kind:
-                distances[kind].append(d if fresh.get(image_id, 0) <= tolerance else -1)
+                d = d if fresh.get(image_id, 0) <= tolerance else -1
+                similarity = 0.0
+                if pooled is not None and stored is not None:
+                    similarity = cosine(pooled[row], stored(image_id))
+                scores[kind].append((d, similarity))
             else:
                 fresh[image_id] = d
         for kind in kinds:  # drop the copies of images whose own file moved on
-            distances[kind] = [d for d in distances[kind] if d >= 0]
+            scores[kind] = [(d, c) for d, c in scores[kind] if d >= 0]
+            distances[kind] = [d for d, _ in scores[kind]]
+        if cosines is not None:
+            for kind in kinds:
+                cosines[kind] = [c for _, c in scores[kind]]
         pending.clear()
 
     for image_id in sample:
@@ -206,7 +236,7 @@ class _DistinctDistances:
             self._thumbs[image_id] = None if picture is None else self.check.variants(picture)
         return self._thumbs[image_id]
 
-    def _is_copy(self, a: str, b: str) -> bool:
+    def is_copy(self, a: str, b: str) -> bool:
         va, vb = self._variants(a), self._variants(b)
         return va is not None and vb is not None and self.check.same_picture(va, vb)
 
@@ -232,7 +262,7 @@ class _DistinctDistances:
             me, found_here = sample[position], neighbours[position]
             value = found_here[-1][0] if found_here else cap + 1  # all copies: at least the last
             for d, other in found_here:
-                if d > cap or not self._is_copy(me, other):
+                if d > cap or not self.is_copy(me, other):
                     value = d
                     break
                 self.copies_seen += 1
@@ -250,10 +280,13 @@ def fit_threshold(
     copies_sample: int = COPIES_SAMPLE,
     pairs_sample: int = PAIRS_SAMPLE,
     progress: Callable[[int], None] = lambda n: None,
+    features: Callable[[str], np.ndarray] | None = None,
 ) -> DuplicateThreshold:
     """Fit the near-duplicate threshold of ``index``'s destination (see the module
     docstring).  ``images`` reads the catalogue's images by id, ``encode`` is the
-    destination's model (pixels to packed codes)."""
+    destination's model (pixels to packed codes).  With ``features`` (an image's stored
+    float features) ``encode`` gives ``Encoded`` (codes and pooled features), and the
+    re-scoring by cosine (``search.rescore``) is fitted too."""
     spec = index.spec
     total = len(index)
     if total < MIN_IMAGES:
@@ -266,8 +299,16 @@ def fit_threshold(
     kinds = [k for k in kinds if k in COPY_KINDS]
     bits = int(np.prod(spec.code_shape))
     ids = index.ids
+    copy_cosines: dict[str, list[float]] = {}
     copies = copy_distances(
-        index, images, encode, kinds, _sample(ids, spec.fingerprint, copies_sample), progress
+        index,
+        images,
+        encode,
+        kinds,
+        _sample(ids, spec.fingerprint, copies_sample),
+        progress,
+        stored=features,
+        cosines=copy_cosines if features is not None else None,
     )
     measured = [d for k in kinds for d in copies[k]]
     if not measured:
@@ -281,6 +322,13 @@ def fit_threshold(
     by_pairs = int(distinct[allowed]) - 1 if allowed < len(distinct) else bits // 2
     threshold = max(0, min(by_pairs, cap, bits // 2))  # beyond half the bits: unrelated codes
     found = {k: float(np.mean(np.asarray(copies[k]) <= threshold)) for k in kinds if copies[k]}
+    rescore = None
+    if features is not None:
+        fitted = fit_rescore(
+            index, sample, distinct_finder.is_copy, features, copies, copy_cosines,
+            threshold, cap, target,
+        )  # fmt: skip
+        rescore = asdict(fitted) if fitted is not None else None
     return DuplicateThreshold(
         max_distance=threshold,
         bits=bits,
@@ -296,6 +344,7 @@ def fit_threshold(
         limited_by=min(
             (by_pairs, "false pairs"), (cap, "farthest copy"), (bits // 2, "half the bits")
         )[1],
+        rescore=rescore,
     )
 
 
@@ -313,6 +362,8 @@ def fit_destination(
     from tqdm import tqdm
 
     images = CatalogueImages(index, image_root, encoder.input_size)
+    stored = stored_features(index)
+    encode = feature_mapper(encoder)[0] if stored is not None else encoder.encode
     bar = tqdm(
         total=min(COPIES_SAMPLE, len(index)),
         desc="fit-dedup",
@@ -321,7 +372,9 @@ def fit_destination(
         leave=False,
     )
     try:
-        fit = fit_threshold(index, images, encoder.encode, kinds, target, progress=bar.update)
+        fit = fit_threshold(
+            index, images, encode, kinds, target, progress=bar.update, features=stored
+        )
     finally:
         bar.close()
     save_threshold(index.storage, fit)
@@ -330,9 +383,23 @@ def fit_destination(
 
 def fit_is_current(index: Index, growth: float = 1.25) -> bool:
     """Whether the stored fit for ``index``'s codes was made on at least ``1 / growth`` of
-    the images it holds now (a catalogue that grew more is fitted again)."""
+    the images it holds now (a catalogue that grew more is fitted again), and with the
+    re-scoring when the destination keeps features."""
     try:
         fit = read_threshold(index.storage, index.spec.fingerprint)
     except NoThreshold:
         return False
+    if fit.rescore is None and read_spec(index.storage).features:
+        return False  # features added since: fit the re-scoring too
     return fit.images * growth >= len(index)
+
+
+def stored_features(index: Index) -> Callable[[str], np.ndarray] | None:
+    """An image's stored float features by id, or None when the destination has none
+    (for every ok image)."""
+    try:
+        ids, features = load_features(index.storage)
+    except FeaturesMissing:
+        return None
+    rows = {image_id: row for row, image_id in enumerate(ids.tolist())}
+    return lambda image_id: features[rows[image_id]]

@@ -16,6 +16,11 @@ depends on the model, the layout, the bits and the photos.
 3. The others of a group are the files that could go; each row gives its distance to
    the kept image.
 
+Where the destination keeps float features (``--features``) and its fit has a re-scoring
+(``search.rescore``), the pairs near the threshold are decided by the cosine of their
+features before grouping (``features=False``, ``imgenc dedup --no-features``, turns it
+off; a ``max_distance`` given by hand uses the codes alone).
+
 Everything is deterministic: the same codes give the same groups in the same order.
 """
 
@@ -28,9 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
+from encoder.features import FeaturesMissing, load_features
 from encoder.storage import Storage
 from search.duplicate_fit import DuplicateThreshold, read_threshold
 from search.index import Index
+from search.rescore import Rescore, cosines_of
 
 NEIGHBOURS = 32  # k of the first search per image
 BATCH = 2048  # images searched per backend call
@@ -44,6 +51,7 @@ class DuplicateGroups:
     groups: list[list[tuple[str, int]]] = field(default_factory=list)
     images: int = 0  # images looked at
     threshold: DuplicateThreshold | None = None  # the fit max_distance came from, if any
+    rescored: Rescore | None = None  # the re-scoring applied, if any
 
     @property
     def removable(self) -> list[str]:
@@ -66,8 +74,14 @@ class DuplicateGroups:
 
     def summary(self) -> str:
         in_groups = sum(len(g) for g in self.groups)
+        how = f"max distance {self.max_distance}"
+        if self.rescored is not None:
+            how = (
+                f"within {self.rescored.sure_distance} bits, or within "
+                f"{self.rescored.max_distance} at cosine >= {self.rescored.min_cosine:.3f}"
+            )
         return (
-            f"{len(self.groups)} groups of near-duplicates (max distance {self.max_distance}) "
+            f"{len(self.groups)} groups of near-duplicates ({how}) "
             f"among {self.images} images: {in_groups} images in groups, "
             f"{len(self.removable)} files could go (one kept per group)"
         )
@@ -76,6 +90,7 @@ class DuplicateGroups:
         return {
             "max_distance": self.max_distance,
             "fitted": None if self.threshold is None else asdict(self.threshold),
+            "rescored": None if self.rescored is None else asdict(self.rescored),
             "images": self.images,
             "groups": [
                 [{"id": image_id, "distance": d} for image_id, d in group] for group in self.groups
@@ -131,13 +146,17 @@ def _keep_rank(index: Index, image_id: str) -> tuple[int, int, str]:
     return (-pixels, -file_bytes, image_id)
 
 
-def find_duplicates(index: Index, max_distance: int | None = None) -> DuplicateGroups:
+def find_duplicates(
+    index: Index, max_distance: int | None = None, features: bool = True
+) -> DuplicateGroups:
     """The near-duplicate groups of an index; see the module docstring.  Without
-    ``max_distance``, the destination's fitted threshold (``NoThreshold`` if none)."""
-    threshold = None
+    ``max_distance``, the destination's fitted threshold (``NoThreshold`` if none), and
+    with ``features`` its re-scoring by float features where it has one."""
+    threshold, rescore = None, None
     if max_distance is None:
         threshold = read_threshold(index.storage, index.spec.fingerprint)
         max_distance = threshold.max_distance
+        rescore = threshold.rescoring() if features else None
     limit = int(np.prod(index.spec.code_shape)) // 2
     if not 0 <= max_distance <= limit:
         raise ValueError(
@@ -146,7 +165,9 @@ def find_duplicates(index: Index, max_distance: int | None = None) -> DuplicateG
         )
     index = index.exact()
     ids = index.ids
-    pairs = close_pairs(index, max_distance)
+    pairs = rescored_pairs(index, max_distance, rescore) if rescore else None
+    if pairs is None:
+        rescore, pairs = None, close_pairs(index, max_distance)
     neighbours: dict[int, list[int]] = {}
     for a, b in pairs:
         neighbours.setdefault(a, []).append(b)
@@ -166,7 +187,35 @@ def find_duplicates(index: Index, max_distance: int | None = None) -> DuplicateG
         assigned.update([kept, *others])
         groups.append([(ids[kept], 0)] + [(ids[p], pairs[_pair(kept, p)]) for p in others])
     groups.sort(key=lambda g: g[0][0])
-    return DuplicateGroups(max_distance, groups, len(ids), threshold)
+    return DuplicateGroups(max_distance, groups, len(ids), threshold, rescore)
+
+
+def rescored_pairs(
+    index: Index, max_distance: int, rescore: Rescore
+) -> dict[tuple[int, int], int] | None:
+    """The pairs within the re-scoring's reach that it accepts (by distance, or by the
+    cosine of their stored features); None when the destination has no features."""
+    try:
+        feature_ids, features = load_features(index.storage)
+    except FeaturesMissing:
+        return None
+    rows = {image_id: row for row, image_id in enumerate(feature_ids.tolist())}
+    ids = index.ids
+    if any(image_id not in rows for image_id in ids):
+        return None  # the index holds images the features do not (yet)
+    limit = int(np.prod(index.spec.code_shape)) // 2
+    candidates = close_pairs(index, min(limit, max(max_distance, rescore.max_distance)))
+    if not candidates:
+        return {}
+    keys = list(candidates)
+    a = np.array([rows[ids[p]] for p, _ in keys])
+    b = np.array([rows[ids[q]] for _, q in keys])
+    similarity = cosines_of(features, a, b)
+    return {
+        key: candidates[key]
+        for key, c in zip(keys, similarity, strict=True)
+        if rescore.accepts(candidates[key], float(c))
+    }
 
 
 def duplicates(dest: str | Storage, max_distance: int | None = None) -> DuplicateGroups:

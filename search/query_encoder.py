@@ -12,6 +12,7 @@ encode queries too (``producer.RemoteQueryEncoder``), with the same interface.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import tempfile
@@ -40,6 +41,12 @@ class QueryEncoder(Protocol):
     def decoded_pixels(self, data: bytes) -> int | None:
         """The pixels decoding ``data`` takes, read from its header alone (the service's
         admission: ``search.admission``); None when the header does not say."""
+        ...
+
+    def encode_with_features(
+        self, images: list[QueryImage]
+    ) -> tuple[list[LoadResult], np.ndarray, np.ndarray]:
+        """The same, and the ok ones' pooled float features ``(n_ok, channels)``."""
         ...
 
 
@@ -112,6 +119,18 @@ class EmbeddedQueryEncoder:
         """Packed codes of decoded images, in one model call."""
         return self.encoder.encode(np.stack(pixels)) if pixels else self.encoder.empty_codes
 
+    def encode_with_features(
+        self, images: list[QueryImage]
+    ) -> tuple[list[LoadResult], np.ndarray, np.ndarray]:
+        results = [self.loader.load_bytes(data, name) for name, data in images]
+        pixels = [r.pixels for r in results if r.ok]
+        size = self.encoder.input_size
+        batch = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
+        codes, features = self.encoder.encode_with_features(batch)
+        for r in results:
+            r.pixels = None
+        return results, codes, features
+
     def warm_up(self) -> None:
         self.encoder.warm_up()
 
@@ -131,6 +150,31 @@ class QueryResult:
             data["error"] = self.error
         data["results"] = self.results
         return data
+
+
+def encode_uploads(
+    encoder: QueryEncoder, images: list[QueryImage], features: list[bool]
+) -> list[dict[str, Any]]:
+    """``POST /encode``'s answer per image: its name and loader status (and error), and
+    when ok its code (base64 of the packed bits) with the code's shape, and, where
+    ``features`` asks, its pooled float features.  One model call for all of them."""
+    if any(features):
+        results, codes, pooled = encoder.encode_with_features(images)
+    else:
+        (results, codes), pooled = encoder.encode(images), None
+    spec, answers, row = encoder.spec, [], 0
+    for result, want in zip(results, features, strict=True):
+        answer: dict[str, Any] = {"name": result.id, "status": str(result.status)}
+        if result.error:
+            answer["error"] = result.error
+        if result.ok:
+            answer["code"] = base64.b64encode(codes[row].tobytes()).decode("ascii")
+            answer["code_shape"] = list(spec.code_shape)
+            if want and pooled is not None:
+                answer["features"] = [float(v) for v in pooled[row]]
+            row += 1
+        answers.append(answer)
+    return answers
 
 
 def answer_queries(

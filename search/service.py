@@ -8,6 +8,11 @@ Endpoints:
   "distance"}...]}``.  A broken or hostile image gets 422 with the loader's status and
   reason; an upload over the cap gets 413; one that its decode lane cannot admit now gets
   503 with ``Retry-After`` (``search.admission``);
+- ``POST /encode``: one or more images (multipart, fields named ``image``) to their codes
+  (``encode_uploads``: loader status, base64 code and its shape, and with
+  ``features=true`` the pooled float features) and the spec ``fingerprint``.  One image
+  answers like ``/search`` (422 with the loader's status when broken); several answer
+  200 with a status each; more than ``max_images`` get 413;
 - ``GET /similar/{id}``: the neighbours of a catalogue image (404 for an unknown id);
 - ``GET /duplicates``: the near-duplicate groups (``?max_distance=``);
 - ``GET /thumb/{id}``: a small JPEG of a catalogue image: only ids of the index, read
@@ -23,7 +28,8 @@ share one model call.  The encoder is the destination's model in this process, o
 Celery workers (``--workers``: they decode; the service admits, and keeps several
 micro-batches in flight).  A background thread brings the index up to date with the
 destination every ``refresh_seconds``; the app's lifespan starts and stops both threads.
-``auth=(user, password)`` puts everything but ``/healthz`` behind HTTP basic auth
+``auth=(user, password)`` puts everything but ``/healthz`` (the OpenAPI pages ``/docs``
+and ``/openapi.json`` included) behind HTTP basic auth
 (Starlette's ``AuthenticationMiddleware``); uploads are capped by ``UploadCap``, a route
 dependency.
 """
@@ -57,6 +63,7 @@ from starlette.authentication import (
     AuthenticationError,
     SimpleUser,
 )
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import HTTPConnection
@@ -74,6 +81,7 @@ from search.query_encoder import (
     QueryResult,
     answer_queries,
     check_encoder,
+    encode_uploads,
     search_codes,
 )
 
@@ -84,6 +92,8 @@ DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 THUMB_SIDE = 256  # px, the longer side of a thumbnail
 THUMB_CACHE = 512  # thumbnails kept in memory
 MAX_K = 200
+DEFAULT_MAX_IMAGES = 32  # images per POST /encode
+FLAGS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 @dataclass
@@ -92,6 +102,13 @@ class Query:
     data: bytes  # the upload, when the encoder decodes it (the Celery workers)
     k: int
     loaded: LoadResult | None = None  # the upload decoded here, with its pixels
+
+
+@dataclass
+class EncodeUpload:
+    name: str
+    data: bytes
+    features: bool
 
 
 class SearchService:
@@ -116,6 +133,9 @@ class SearchService:
         self.batcher: MicroBatcher[Query, QueryResult] = MicroBatcher(
             self._answer, max_batch, max_wait, getattr(encoder, "concurrent_batches", 1)
         )
+        self.encode_batcher: MicroBatcher[EncodeUpload, dict[str, Any]] = MicroBatcher(
+            self._encode_uploads, max_batch, max_wait
+        )
         self._thumbs: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self._thumb_lock = threading.Lock()
         self._duplicates: dict[tuple[str, int | None], DuplicateGroups] = {}
@@ -128,6 +148,7 @@ class SearchService:
         """Start the batching thread and, with ``refresh_seconds``, the refresh thread."""
         self._stop.clear()
         self.batcher.start()
+        self.encode_batcher.start()
         if self.refresh_seconds > 0:
             self._refresher = threading.Thread(
                 target=self._keep_fresh, name="index-refresh", daemon=True
@@ -138,6 +159,7 @@ class SearchService:
         """Stop both threads; queries already batched are answered first."""
         self._stop.set()
         self.batcher.stop()
+        self.encode_batcher.stop()
         if self._refresher is not None:
             self._refresher.join(timeout=10)
 
@@ -177,6 +199,21 @@ class SearchService:
         for query, answer in zip(queries, answers, strict=True):
             answer.results = answer.results[: query.k]
         return answers
+
+    async def encode_upload(self, upload: EncodeUpload) -> dict[str, Any]:
+        """One ``POST /encode`` image, admitted as ``answer_upload`` admits (else
+        ``Overloaded``): a light one in a micro-batch, a heavy one alone in its lane."""
+        admission = self.lanes.admit(self.encoder.decoded_pixels(upload.data))
+        if admission.heavy:
+            future = self.lanes.run(admission, lambda: self._encode_uploads([upload])[0])
+        else:
+            future = self.encode_batcher.submit(upload)
+            future.add_done_callback(admission.release)
+        return await asyncio.wrap_future(future)
+
+    def _encode_uploads(self, uploads: list[EncodeUpload]) -> list[dict[str, Any]]:
+        images: list[QueryImage] = [(u.name, u.data) for u in uploads]
+        return encode_uploads(self.encoder, images, [u.features for u in uploads])
 
     def _keep_fresh(self) -> None:
         while not self._stop.wait(self.refresh_seconds):
@@ -307,6 +344,7 @@ def create_app(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     auth: tuple[str, str] | None = None,
     query_timeout: float = 60.0,
+    max_images: int = DEFAULT_MAX_IMAGES,
 ) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -323,9 +361,9 @@ def create_app(
         )
     app = FastAPI(
         title="imgenc search",
-        docs_url=None,
+        docs_url="/docs",  # behind the same auth as the rest
         redoc_url=None,
-        openapi_url=None,
+        openapi_url="/openapi.json",
         lifespan=lifespan,
         middleware=middleware,
     )
@@ -372,6 +410,40 @@ def create_app(
             raise HTTPException(503, str(exc) or "the query encoder did not answer") from None
         status_code = 200 if answer.status == "ok" else 422
         return JSONResponse(answer.to_json(), status_code=status_code)
+
+    @app.post("/encode")
+    async def encode(request: Request = capped_upload, features: bool = False) -> Response:
+        """Images in (multipart fields ``image``), per image its loader ``status``, its
+        ``code`` (base64 of the packed bits) and ``code_shape``, and with
+        ``features=true`` its pooled float ``features``; with the spec ``fingerprint``."""
+        try:
+            form = await request.form(max_files=max_images, max_fields=4)
+        except StarletteHTTPException as exc:
+            if "too many files" in str(exc.detail).lower():
+                raise HTTPException(
+                    413, f"more than {max_images} images in one request (--max-images)"
+                ) from None
+            raise
+        uploads = [u for u in form.getlist("image") if hasattr(u, "read")]
+        if not uploads:
+            raise HTTPException(400, "send the images as multipart fields named 'image'")
+        field = form.get("features")
+        if field is not None and field != "":
+            if not isinstance(field, str) or field.lower() not in FLAGS:
+                raise HTTPException(422, "features must be true or false")
+            features = FLAGS[field.lower()]
+        futures = []
+        for number, upload in enumerate(uploads):
+            name = upload.filename or f"upload-{number}"
+            item = EncodeUpload(name, await upload.read(), features)
+            futures.append(service.encode_upload(item))
+        try:
+            answers = await asyncio.wait_for(asyncio.gather(*futures), query_timeout)
+        except TimeoutError as exc:  # also NoWorkerAnswered, from the Celery workers
+            raise HTTPException(503, str(exc) or "the encoder did not answer") from None
+        body = {"fingerprint": service.encoder.spec.fingerprint, "images": answers}
+        lone_failure = len(answers) == 1 and answers[0]["status"] != "ok"
+        return JSONResponse(body, status_code=422 if lone_failure else 200)
 
     @app.get("/similar/{image_id:path}")
     def similar(image_id: str, k: int = QueryParam(10, ge=1, le=MAX_K)) -> dict[str, Any]:

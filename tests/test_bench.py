@@ -40,6 +40,7 @@ def test_bench_quick_runs_every_measurement_and_writes_the_table(tmp_path):
         "quality",
         "near-dup",
         "backbones",
+        "embeddings",
     }
     for row in table["rows"]:
         assert row["value"] is not None and math.isfinite(row["value"]) and row["value"] >= 0, row

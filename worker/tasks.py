@@ -1,6 +1,7 @@
 """The Celery tasks: ``imgenc.encode_chunk`` (a chunk of image paths to one shard),
 ``imgenc.finalize_job`` (merge the manifest once every chunk is in) and
-``imgenc.encode_images`` (query images to codes, for ``imgenc serve --workers``).
+``imgenc.encode_images`` (query images to codes, and on request to pooled float features,
+for ``imgenc serve --workers``).
 
 A chunk message (``jobs.messages.ChunkMessage``) names its job, its number, the
 destination, the spec fingerprint the job expects and the paths, relative to the image
@@ -13,8 +14,9 @@ root.  The worker:
    time, noting in Redis which image is in hand.  An image in hand when a worker died
    ``max_strikes`` times is marked ``failed`` instead of killing workers forever;
 3. refuses, with status ``spec_mismatch`` for every image, a job made for another spec;
-4. writes one shard and its manifest part named after the job and chunk (a redelivered
-   chunk overwrites them), retrying storage errors with backoff;
+4. writes one shard (and its features shard, when the message asks) and its manifest
+   part, named after the job and chunk (a redelivered chunk overwrites them), retrying
+   storage errors with backoff;
 5. records the chunk's counts in the registry, and merges the manifest when it is the
    last; when images were ``missing``, checks once per job whether the image roots agree.
 
@@ -36,6 +38,7 @@ import numpy as np
 from celery.exceptions import Reject, Retry
 from celery.utils.log import get_task_logger
 
+from encoder.features import feature_mapper
 from encoder.images import ImageLoader, ImageStatus, LoadResult
 from encoder.manifest import merge_manifest
 from encoder.runner import Runner
@@ -75,6 +78,7 @@ class ChunkSink:
             shard_size=0,
             host=socket.gethostname(),
             first_shard=message.chunk,
+            features=message.features,
         )
         self.what = f"job {message.job_id} chunk {message.chunk}"
 
@@ -174,11 +178,14 @@ def _encode(
     if careful:
         paths = _struck_out(state, message, root, sink)
         loader = NotingLoader(loader, state.registry, message.job_id, message.chunk)
+    mapper, empty = (
+        feature_mapper(encoder) if message.features else (encoder.encode, encoder.empty_codes)
+    )
     runner = Runner(
         loader,
-        encoder.encode,
+        mapper,
         sink,
-        encoder.empty_codes,
+        empty,
         batch_size=1 if careful else settings.batch,
         decode_threads=0 if careful else settings.decode_threads,
     )
@@ -379,10 +386,18 @@ def encode_images(self: Any, **kwargs: Any) -> dict[str, Any]:
             state.watchdog.watch(name, lambda raw=raw, name=name: loader.load_bytes(raw, name))
         )
     pixels = [r.pixels for r in results if r.ok]
-    codes = encoder.encode(np.stack(pixels)) if pixels else encoder.empty_codes
+    features = ""
+    if message.features:
+        codes, pooled = encoder.encode_with_features(
+            np.stack(pixels) if pixels else np.zeros((0, 1, 1, 3), np.uint8)
+        )
+        features = base64.b64encode(pooled.astype("<f4").tobytes()).decode("ascii")
+    else:
+        codes = encoder.encode(np.stack(pixels)) if pixels else encoder.empty_codes
     return EncodedImages(
         encoder.spec.fingerprint,
         [str(r.status) for r in results],
         [r.error for r in results],
         base64.b64encode(codes.tobytes()).decode("ascii"),
+        features,
     ).to_json()
