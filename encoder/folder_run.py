@@ -8,6 +8,7 @@ Celery worker runs the same ``Runner`` on the ids of a task message instead.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,8 +16,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from encoder.deletions import check_deletions, record_deletions, vanished
 from encoder.images import ImageLoader
-from encoder.manifest import merge_manifest, status_counts
+from encoder.manifest import DELETED, merge_manifest, resume_keys, status_counts
 from encoder.progress import TqdmProgress
 from encoder.runner import Runner, RunStats
 from encoder.scan import scan_images
@@ -34,10 +36,11 @@ class RunSummary(RunStats):
 
     def lines(self) -> list[str]:
         head = "interrupted" if self.interrupted else "done"
+        deleted = f", {self.deleted} marked deleted (gone from the folder)" if self.deleted else ""
         lines = [
             f"{head}: {self.processed} images in {self.seconds:.1f} s "
             f"({self.images_per_second:.2f} img/s; {self.stage_line()}), "
-            f"{self.skipped} already done"
+            f"{self.skipped} already done{deleted}"
         ]
         return lines + self.count_lines()
 
@@ -62,8 +65,14 @@ def encode_folder(
     resume: bool = False,
     progress: bool = True,
     encoder: Any | None = None,
+    accept_deletions: bool = False,
 ) -> RunSummary:
-    """Encode every image under ``image_dir`` into ``dest``; see ``imgenc encode --help``."""
+    """Encode every image under ``image_dir`` into ``dest``; see ``imgenc encode --help``.
+
+    With ``resume``, the images the destination holds under ``image_dir`` (by the
+    manifest's ``path``) that the scan no longer finds are recorded ``deleted``
+    (``encoder.deletions``), after ``check_deletions`` (``accept_deletions`` lifts its
+    refusal of an emptied folder)."""
     from encoder.runtime import load_encoder
 
     image_dir = Path(image_dir)
@@ -72,9 +81,26 @@ def encode_folder(
     # Built before anything is written: a model that cannot be built (no ImageNet
     # download, a missing runtime) leaves the destination as it was.
     enc = encoder if encoder is not None else load_encoder(settings)
-    storage, skip = open_destination(dest, spec, settings, resume)
-    todo = sum(1 for e in scan_images(image_dir) if e.resume_key not in skip)
-    writer = ShardWriter(storage, spec, new_run_id(), settings.shard_size, settings.flush_seconds)
+    storage, previous = open_destination(dest, spec, settings, resume)
+    skip = resume_keys(previous)
+    run_id = new_run_id()
+    # The manifest's paths are the loader's: the folder's real path, then the id.
+    root_prefix = os.path.realpath(image_dir).rstrip("/") + "/"
+    todo, scanned = 0, set()
+    for entry in scan_images(image_dir):
+        if entry.resume_key not in skip:
+            todo += 1
+        if resume:
+            scanned.add(root_prefix + entry.id)
+    deleted = 0
+    if resume:
+        gone, known = vanished(previous, scanned, root_prefix, column="path")
+        del scanned, previous
+        check_deletions(len(gone), known, accept_deletions)  # before anything is written
+        deleted = record_deletions(storage, gone, run_id)
+        if deleted:
+            log.info("%d images gone from %s marked deleted", deleted, image_dir)
+    writer = ShardWriter(storage, spec, run_id, settings.shard_size, settings.flush_seconds)
     bar = TqdmProgress(todo, progress)
     runner = Runner(
         ImageLoader(image_dir, enc.input_size),
@@ -111,4 +137,6 @@ def encode_folder(
                 exc,
                 dest,
             )
+    if deleted:
+        stats.counts[DELETED] = deleted
     return RunSummary(**vars(stats), skipped=skipped)

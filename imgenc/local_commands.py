@@ -28,6 +28,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
             resume=args.resume,
             progress=not args.no_progress,
             encoder=encoder,
+            accept_deletions=args.accept_deletions,
         )
     except (
         WeightsUnavailable,
@@ -172,9 +173,18 @@ def add_commands(sub: argparse._SubParsersAction, add_model_args: AddModelArgs) 
     encode.add_argument(
         "--resume",
         action="store_true",
-        help="skip images already ok in --out (same path, size and mtime)",
+        help="skip images already ok in --out (same path, size and mtime), and record as "
+        "deleted those of this folder it holds that are gone",
     )
-    encode.add_argument("--strict", action="store_true", help="exit 1 if any image failed")
+    encode.add_argument(
+        "--accept-deletions",
+        action="store_true",
+        help="with --resume: record the deletions even when the folder lost every image, "
+        "or more than half of them (20 or more) at once; refused otherwise",
+    )
+    encode.add_argument(
+        "--strict", action="store_true", help="exit 1 if any image failed (deleted is no failure)"
+    )
     encode.add_argument(
         "--no-dedup-fit",
         action="store_true",

@@ -20,6 +20,8 @@ from typing import Any
 
 from kombu.utils.url import maybe_sanitize_url
 
+from encoder.deletions import check_deletions, record_deletions, vanished
+from encoder.manifest import resume_keys
 from encoder.scan import scan_images
 from encoder.settings import Settings, process_settings
 from encoder.spec import spec_for
@@ -119,6 +121,7 @@ def enqueue(
     image_root: str | Path | None = None,
     stop: threading.Event | None = None,
     dedup_fit: bool = True,
+    accept_deletions: bool = False,
     **model: Any,
 ) -> Job:
     """Register a job and enqueue every image under ``image_dir``; returns the ``Job``.
@@ -134,6 +137,12 @@ def enqueue(
 
     ``dedup_fit=False`` skips the job's last step, the near-duplicate threshold fitted on
     the destination by a worker.
+
+    With ``resume``, the images the destination holds under this folder (ids under its
+    path relative to the image root) that the scan no longer finds are recorded
+    ``deleted`` (``encoder.deletions``) before any chunk is sent; ``check_deletions``
+    refuses an emptied folder unless ``accept_deletions``.  The job counts them apart
+    (``JobStatus.deleted``).
     """
     settings = (settings or process_settings()).override(
         {
@@ -152,8 +161,17 @@ def enqueue(
     spec = spec_for(settings)
     registry = JobRegistry.from_url(settings.broker_url)
     registry.r.ping()  # an unreachable broker fails here, before anything is written
-    storage, skip = open_destination(out, spec, settings, resume)
+    storage, previous = open_destination(out, spec, settings, resume)
     out = storage.url  # a local destination as an absolute path, the same for every worker
+    skip = resume_keys(previous)
+    gone: list = []
+    if resume:
+        # One scan before any chunk: the deletions are checked before anything is sent.
+        scanned = {rel for rel, _ in _relative_ids(image_dir, prefix)}
+        gone, known = vanished(previous, scanned, prefix, column="id")
+        del scanned
+        check_deletions(len(gone), known, accept_deletions)
+    del previous
 
     job_id = uuid.uuid4().hex[:12]
     registry.create(
@@ -166,6 +184,11 @@ def enqueue(
         producer_host=socket.gethostname(),
         dedup_fit=dedup_fit,
     )
+    if gone:
+        # Written before the chunks: the job's merge (by the last chunk or the finalize
+        # message) includes it.
+        registry.set_deleted(job_id, record_deletions(storage, gone, job_id))
+        log.info("job %s: %d images gone from %s marked deleted", job_id, len(gone), image_dir)
     app = make_app(settings)
     skipped = 0
     with app.connection_for_write() as connection:
