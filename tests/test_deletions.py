@@ -337,3 +337,31 @@ def test_enqueueing_shoes_never_deletes_the_hats_and_an_emptied_folder_is_refuse
     assert [i for i, s in statuses.items() if s == "ok"] == [
         f"catalogue/hats/img_{n:05d}.jpg" for n in (10, 11, 12)
     ]
+
+
+def test_an_hnsw_index_drops_a_deleted_image_at_its_next_refresh_by_a_rebuild(tmp_path):
+    from encoder.deletions import record_deletions
+
+    folder, dest = tmp_path / "images", tmp_path / "codes"
+    write_jpegs(folder, 6, size=(96, 96))
+    encode(folder, dest)
+    index = Index.open(str(dest), kind="hnsw")
+    generation = index.generation
+    storage = open_storage(str(dest))
+    record_deletions(storage, [manifest_of(dest)["img_00002.jpg"]], "test-run")
+    assert index.stale
+    assert index.refresh() and not index.stale and index.generation != generation
+    assert index.kind == "hnsw" and len(index) == 5 and "img_00002.jpg" not in index
+    with pytest.raises(KeyError):
+        index.similar("img_00002.jpg")
+    assert_search_never_names(index, {"img_00002.jpg"})
+    assert "img_00002.jpg" not in Index.open(str(dest))
+
+
+def test_both_commands_take_accept_deletions_with_resume():
+    from imgenc.cli import build_parser
+
+    parser = build_parser()
+    for command in ("encode", "enqueue"):
+        args = parser.parse_args([command, "d", "--out", "o", "--resume", "--accept-deletions"])
+        assert args.resume and args.accept_deletions
