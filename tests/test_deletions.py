@@ -49,9 +49,8 @@ def merged(*rows: dict[str, str]) -> dict[str, str]:
 
 # --- the merge rule --------------------------------------------------------------------------
 def test_a_deletion_after_the_encoding_beats_the_ok_row():
-    assert merged(row("a", "ok", "2026-01-01T00"), row("a", "deleted", "2026-01-02T00"))[
-        "status"
-    ] == "deleted"
+    won = merged(row("a", "ok", "2026-01-01T00"), row("a", "deleted", "2026-01-02T00"))
+    assert won["status"] == "deleted"
 
 
 def test_an_ok_row_after_the_deletion_beats_it_the_photo_came_back():
@@ -64,9 +63,8 @@ def test_an_ok_row_after_the_deletion_beats_it_the_photo_came_back():
 
 
 def test_a_failure_never_beats_an_ok_row_even_a_later_one():
-    assert merged(row("a", "ok", "2026-01-01T00"), row("a", "corrupt", "2026-01-05T00"))[
-        "status"
-    ] == "ok"
+    won = merged(row("a", "ok", "2026-01-01T00"), row("a", "corrupt", "2026-01-05T00"))
+    assert won["status"] == "ok"
 
 
 def test_a_failure_after_a_deletion_wins_and_failures_among_themselves_go_by_time():
@@ -77,12 +75,10 @@ def test_a_failure_after_a_deletion_wins_and_failures_among_themselves_go_by_tim
         row("a", "corrupt", "2026-01-03T00"),
     )
     assert won["status"] == "corrupt"
-    assert merged(row("b", "empty", "2026-01-01T00"), row("b", "corrupt", "2026-01-02T00"))[
-        "status"
-    ] == "corrupt"
-    assert merged(row("c", "corrupt", "2026-01-01T00"), row("c", "deleted", "2026-01-02T00"))[
-        "status"
-    ] == "deleted"
+    won = merged(row("b", "empty", "2026-01-01T00"), row("b", "corrupt", "2026-01-02T00"))
+    assert won["status"] == "corrupt"
+    won = merged(row("c", "corrupt", "2026-01-01T00"), row("c", "deleted", "2026-01-02T00"))
+    assert won["status"] == "deleted"
 
 
 def test_deleted_is_counted_apart_never_as_a_failure():
@@ -278,9 +274,7 @@ def test_enqueue_resume_records_deletions_and_reencodes_new_and_replaced_photos(
     before = manifest_of(out)
 
     change_catalogue(folder)
-    job = producer.enqueue(
-        folder, str(out), broker=redis_server.url, chunk=4, resume=True, **STUB
-    )
+    job = producer.enqueue(folder, str(out), broker=redis_server.url, chunk=4, resume=True, **STUB)
     final = job.wait(timeout=120)
     assert final.total == 2 and final.counts == {"ok": 2, "deleted": 2}
     assert (final.deleted, final.failed, final.exit_code(strict=True)) == (2, 0, 0)
@@ -308,9 +302,9 @@ def test_enqueueing_shoes_never_deletes_the_hats_and_an_emptied_folder_is_refuse
     write_jpegs(shoes, 3, size=(96, 96))
     write_jpegs(hats, 3, start=10, size=(96, 96))
     for folder in (shoes, hats):
-        producer.enqueue(
-            folder, str(out), broker=redis_server.url, image_root=root, **STUB
-        ).wait(timeout=120)
+        producer.enqueue(folder, str(out), broker=redis_server.url, image_root=root, **STUB).wait(
+            timeout=120
+        )
     (shoes / "img_00000.jpg").unlink()
     job = producer.enqueue(
         shoes, str(out), broker=redis_server.url, image_root=root, resume=True, **STUB
