@@ -81,14 +81,16 @@ def encode_folder(
     # Built before anything is written: a model that cannot be built (no ImageNet
     # download, a missing runtime) leaves the destination as it was.
     enc = encoder if encoder is not None else load_encoder(settings)
-    storage, previous = open_destination(dest, spec, settings, resume)
+    storage, previous, merged = open_destination(dest, spec, settings, resume)
     skip = resume_keys(previous)
     run_id = new_run_id()
     # The manifest's paths are the loader's: the folder's real path, then the id.
     root_prefix = os.path.realpath(image_dir).rstrip("/") + "/"
-    todo, scanned = 0, set()
+    todo, skipped, scanned = 0, 0, set()
     for entry in scan_images(image_dir):
-        if entry.resume_key not in skip:
+        if entry.resume_key in skip:
+            skipped += 1
+        else:
             todo += 1
         if resume:
             scanned.add(root_prefix + entry.id)
@@ -100,6 +102,9 @@ def encode_folder(
         deleted = record_deletions(storage, gone, run_id)
         if deleted:
             log.info("%d images gone from %s marked deleted", deleted, image_dir)
+    if todo == 0 and not deleted and merged:
+        # Nothing changed since the last merge: no second scan, no merge, nothing written.
+        return RunSummary(skipped=skipped)
     writer = ShardWriter(storage, spec, run_id, settings.shard_size, settings.flush_seconds)
     bar = TqdmProgress(todo, progress)
     runner = Runner(

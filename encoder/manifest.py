@@ -141,10 +141,16 @@ def merge_manifest(storage: Storage) -> list[Row]:
 
 def read_manifest(storage: Storage) -> list[Row]:
     """The merged manifest if one exists, else the parts merged in memory."""
+    rows = read_merged_manifest(storage)
+    return rows if rows is not None else deduplicate(read_parts(storage))
+
+
+def read_merged_manifest(storage: Storage) -> list[Row] | None:
+    """``manifest.csv`` (one read), or None when the parts were never merged."""
     try:
         return csv_to_rows(storage.get(MANIFEST_KEY))
     except KeyError:
-        return deduplicate(read_parts(storage))
+        return None
 
 
 class StatusTotals:

@@ -52,8 +52,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if summary.interrupted:
         print("interrupted: rerun with --resume to encode the rest", file=sys.stderr)
         return 130
-    if not args.no_dedup_fit:
-        fit_after_encode(args, encoder)
+    if not args.no_dedup_fit and (summary.processed or summary.deleted or not args.resume):
+        fit_after_encode(args, encoder)  # (a resume that changed nothing leaves the fit)
     if args.strict and summary.failed:
         return 1
     return 0

@@ -161,7 +161,7 @@ def enqueue(
     spec = spec_for(settings)
     registry = JobRegistry.from_url(settings.broker_url)
     registry.r.ping()  # an unreachable broker fails here, before anything is written
-    storage, previous = open_destination(out, spec, settings, resume)
+    storage, previous, _ = open_destination(out, spec, settings, resume)
     out = storage.url  # a local destination as an absolute path, the same for every worker
     skip = resume_keys(previous)
     gone: list = []

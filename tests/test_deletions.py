@@ -189,8 +189,11 @@ def test_embedded_resume_records_deletions_encodes_new_and_replaced_photos_and_s
 
     # A resume with nothing changed writes nothing; a photo restored is encoded again.
     parts = sorted(p.name for p in (dest / "parts").iterdir())
-    assert encode(folder, dest, resume=True).processed == 0
+    merged_at = (dest / "manifest.csv").stat().st_mtime_ns
+    unchanged = encode(folder, dest, resume=True)
+    assert (unchanged.processed, unchanged.deleted, unchanged.skipped) == (0, 0, 8)
     assert sorted(p.name for p in (dest / "parts").iterdir()) == parts
+    assert (dest / "manifest.csv").stat().st_mtime_ns == merged_at  # not even merged again
     write_jpegs(folder, 1, start=1, size=(96, 96))
     assert encode(folder, dest, resume=True).processed == 1
     assert manifest_of(dest)["img_00001.jpg"]["status"] == "ok"
