@@ -52,23 +52,40 @@ def in_scope(value: str, scope: str) -> bool:
     return value.startswith(prefix)
 
 
+def row_root(row: Row) -> str:
+    """The root a row's image was read under: its ``path`` without its ``id``."""
+    path, image_id = row.get("path", ""), row.get("id", "")
+    return path[: -len(image_id) - 1] if image_id and path.endswith("/" + image_id) else ""
+
+
 def vanished(
-    previous_rows: Iterable[Row], scanned: set[str], scope: str = "", column: str = "id"
+    previous_rows: Iterable[Row],
+    scanned: set[str],
+    scope: str = "",
+    column: str = "id",
+    same_root: bool = False,
 ) -> tuple[list[Row], int]:
     """The rows of ``previous_rows`` (a merged manifest: one row per image) that are not
     ``deleted``, whose ``column`` lies under ``scope``, and that the scan did not find
     (``scanned`` holds the same column's values of the scan); and how many rows were
-    under ``scope`` and not yet deleted (what the refusal rule compares with)."""
-    gone: list[Row] = []
-    known = 0
-    for row in previous_rows:
-        value = row.get(column, "")
-        if row.get("status") == DELETED or not value or not in_scope(value, scope):
-            continue
-        known += 1
-        if value not in scanned:
-            gone.append(row)
-    return gone, known
+    under ``scope`` and not yet deleted (what the refusal rule compares with).
+
+    ``same_root`` (for ids, which do not say which folder they were read from) keeps only
+    the rows read under a root (``row_root``) that an image still found was read under:
+    two folders enqueued into one destination without a common image root both have ids
+    relative to themselves, and the one scanned must not delete the other's.  When the
+    scan found none of them, every row in scope counts (and the refusal rule applies)."""
+    rows = [
+        row
+        for row in previous_rows
+        if row.get("status") != DELETED and row.get(column) and in_scope(row.get(column, ""), scope)
+    ]
+    if same_root:
+        roots = {row_root(row) for row in rows if row[column] in scanned}
+        if roots:
+            rows = [row for row in rows if row_root(row) in roots]
+    gone = [row for row in rows if row[column] not in scanned]
+    return gone, len(rows)
 
 
 def check_deletions(n_vanished: int, n_previous: int, accept: bool = False) -> None:

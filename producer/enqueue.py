@@ -168,7 +168,7 @@ def enqueue(
     if resume:
         # One scan before any chunk: the deletions are checked before anything is sent.
         scanned = {rel for rel, _ in _relative_ids(image_dir, prefix)}
-        gone, known = vanished(previous, scanned, prefix, column="id")
+        gone, known = vanished(previous, scanned, prefix, column="id", same_root=True)
         del scanned
         check_deletions(len(gone), known, accept_deletions)
     del previous

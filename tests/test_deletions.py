@@ -103,6 +103,20 @@ def test_only_ids_under_the_scanned_folder_count_as_vanished():
     assert len(gone) == 3 and known == 4
 
 
+def test_ids_read_under_another_root_than_the_images_still_found_do_not_count():
+    # Two folders enqueued into one destination without a common image root: both have
+    # bare ids; the workers read them under /a and /b.
+    previous = [
+        {**row("x.jpg", "ok", "t"), "path": "/a/x.jpg"},
+        {**row("y.jpg", "ok", "t"), "path": "/a/y.jpg"},
+        {**row("z.jpg", "ok", "t"), "path": "/b/z.jpg"},
+    ]
+    gone, known = vanished(previous, {"x.jpg"}, "", column="id", same_root=True)
+    assert [r["id"] for r in gone] == ["y.jpg"] and known == 2
+    gone, known = vanished(previous, set(), "", column="id", same_root=True)
+    assert len(gone) == 3 and known == 3  # nothing found: all count, and the rule refuses
+
+
 def test_an_empty_folder_or_most_images_gone_at_once_is_refused_unless_accepted():
     with pytest.raises(TooManyDeletions) as refused:
         check_deletions(3, 3, accept=False)
