@@ -376,3 +376,47 @@ def test_both_commands_take_accept_deletions_with_resume():
     for command in ("encode", "enqueue"):
         args = parser.parse_args([command, "d", "--out", "o", "--resume", "--accept-deletions"])
         assert args.resume and args.accept_deletions
+
+
+def test_the_service_stops_showing_deleted_images_at_its_next_refresh(tmp_path):
+    import httpx
+    from PIL import Image
+
+    from tests.helpers import REPO, SearchServer, wait_for
+
+    folder, dest = tmp_path / "catalogue", tmp_path / "codes"
+    shutil.copytree(REPO / "examples" / "images", folder)
+    names = sorted(p.name for p in folder.iterdir())
+    Image.open(folder / names[2]).save(folder / "copy.jpg", quality=70)
+    model = {**STUB, "layout": "pooled"}
+    from encoder.folder_run import encode_folder
+
+    encode_folder(folder, str(dest), make_settings(**model), progress=False)
+    env = {"IMGENC_BACKBONE": "stub", "IMGENC_WEIGHTS": "random"}
+    server = SearchServer(str(dest), tmp_path / "s.log", env, "--refresh-seconds", "1").start()
+    try:
+        url = server.url
+        groups = httpx.get(url + "/duplicates?max_distance=7").json()["groups"]
+        assert any("copy.jpg" in {m["id"] for m in g} for g in groups)
+        gone = {"copy.jpg", names[5]}
+        photo = (folder / names[5]).read_bytes()
+        for name in gone:
+            (folder / name).unlink()
+        summary = encode_folder(folder, str(dest), make_settings(**model), resume=True,
+                                progress=False)  # fmt: skip
+        assert summary.deleted == 2
+        wait_for(lambda: httpx.get(url + "/healthz").json()["images"] == 15, 30, "refresh")
+        for name in gone:
+            assert httpx.get(f"{url}/similar/{name}").status_code == 404
+            assert httpx.get(f"{url}/thumb/{name}").status_code == 404
+        for name in set(names) - gone:
+            found = httpx.get(f"{url}/similar/{name}", params={"k": 20}).json()["results"]
+            assert not gone & {r["id"] for r in found}
+        groups = httpx.get(url + "/duplicates?max_distance=7").json()["groups"]
+        assert not gone & {m["id"] for g in groups for m in g}
+        answer = httpx.post(
+            url + "/search", files={"image": ("q.jpg", photo)}, data={"k": "20"}, timeout=60
+        ).json()
+        assert answer["status"] == "ok" and not gone & {r["id"] for r in answer["results"]}
+    finally:
+        server.stop()
