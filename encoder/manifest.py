@@ -8,9 +8,8 @@ Layout of a destination (local directory or S3 prefix)::
     planes.npz                the fitted planes (only for --planes codes; hashed likewise)
     codes/<shard>.npy         uint8 (n, bytes_per_code) bit-packed codes, one row per ok image
     parts/<shard>.csv         manifest rows for that shard, written after the shard
+    parts/<run>-deleted.csv   ``deleted`` rows: images a ``--resume`` found gone (no shard)
     manifest.csv              all parts merged: one row per image id
-
-    parts/<run id>-deleted.csv  ``deleted`` rows: images a ``--resume`` found gone from the folder
 
 A part is written only after its shard, so a part never names a code that is not on disk.
 Merging keeps exactly one row per image id (``RowMerge``):
@@ -22,9 +21,9 @@ Merging keeps exactly one row per image id (``RowMerge``):
   it beats an earlier ``deleted`` (the photo came back, and could not be encoded);
 - among failures, the latest wins.
 
-Among rows of one kind, on equal times the row seen last wins.  Re-running a chunk rewrites the same shard and
-part keys, so redelivery never adds rows.  ``deleted`` is not a failure: the status
-totals count it apart (``StatusTotals.deleted``).
+Among rows of one kind, on equal times the row seen last wins.  Re-running a chunk
+rewrites the same shard and part keys, so redelivery never adds rows.  ``deleted`` is not
+a failure: the status totals count it apart (``StatusTotals.deleted``).
 """
 
 from __future__ import annotations
