@@ -8,6 +8,7 @@ Celery worker runs the same ``Runner`` on the ids of a task message instead.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from encoder.features import feature_mapper, plan_features
+from encoder.deletions import check_deletions, record_deletions, vanished
 from encoder.images import ImageLoader
-from encoder.manifest import merge_manifest, status_counts
+from encoder.manifest import DELETED, merge_manifest, resume_keys, status_counts
 from encoder.progress import TqdmProgress
 from encoder.runner import Runner, RunStats
 from encoder.scan import scan_images
@@ -36,10 +38,11 @@ class RunSummary(RunStats):
 
     def lines(self) -> list[str]:
         head = "interrupted" if self.interrupted else "done"
+        deleted = f", {self.deleted} marked deleted (gone from the folder)" if self.deleted else ""
         lines = [
             f"{head}: {self.processed} images in {self.seconds:.1f} s "
             f"({self.images_per_second:.2f} img/s; {self.stage_line()}), "
-            f"{self.skipped} already done"
+            f"{self.skipped} already done{deleted}"
         ]
         return lines + self.count_lines()
 
@@ -65,10 +68,16 @@ def encode_folder(
     progress: bool = True,
     encoder: Any | None = None,
     features: bool = False,
+    accept_deletions: bool = False,
 ) -> RunSummary:
     """Encode every image under ``image_dir`` into ``dest``; see ``imgenc encode --help``.
     ``features`` also writes the pooled float features (``encoder.features``); a
-    destination that has them keeps getting them."""
+    destination that has them keeps getting them.
+
+    With ``resume``, the images the destination holds under ``image_dir`` (by the
+    manifest's ``path``) that the scan no longer finds are recorded ``deleted``
+    (``encoder.deletions``), after ``check_deletions`` (``accept_deletions`` lifts its
+    refusal of an emptied folder)."""
     from encoder.runtime import load_encoder
 
     image_dir = Path(image_dir)
@@ -77,17 +86,42 @@ def encode_folder(
     # Built before anything is written: a model that cannot be built (no ImageNet
     # download, a missing runtime) leaves the destination as it was.
     enc = encoder if encoder is not None else load_encoder(settings)
-    storage, skip = open_destination(dest, spec, settings, resume)
+    storage, previous, merged = open_destination(dest, spec, settings, resume)
+    skip = resume_keys(previous)
     plan = plan_features(storage, features)
-    if plan.lacking:
-        plan.check_reachable({e.id for e in scan_images(image_dir)}, str(image_dir))
-        skip = plan.adjust_skip(skip)
+    skip = plan.adjust_skip(skip)
+    run_id = new_run_id()
+    # The manifest's paths are the loader's: the folder's real path, then the id.
+    root_prefix = os.path.realpath(image_dir).rstrip("/") + "/"
+    todo, skipped, scanned = 0, 0, set()
+    for entry in scan_images(image_dir):
+        if entry.resume_key in skip:
+            skipped += 1
+        else:
+            todo += 1
+        if resume or plan.lacking:
+            scanned.add(root_prefix + entry.id)
+    gone: list = []
+    if resume:
+        gone, known = vanished(previous, scanned, root_prefix, column="path")
+        check_deletions(len(gone), known, accept_deletions)  # before anything is written
+    if plan.lacking:  # images gone now need no features; the others must be in this folder
+        gone_ids = {row["id"] for row in gone}
+        plan.lacking = [row for row in plan.lacking if row["id"] not in gone_ids]
+        found = {path[len(root_prefix) :] for path in scanned}
+        plan.check_reachable(found, str(image_dir))
+    del scanned, previous
     plan.accept()
-    todo = sum(1 for e in scan_images(image_dir) if e.resume_key not in skip)
+    deleted = record_deletions(storage, gone, run_id) if gone else 0
+    if deleted:
+        log.info("%d images gone from %s marked deleted", deleted, image_dir)
+    if todo == 0 and not deleted and merged:
+        # Nothing changed since the last merge: no second scan, no merge, nothing written.
+        return RunSummary(skipped=skipped, features=plan.on)
     writer = ShardWriter(
         storage,
         spec,
-        new_run_id(),
+        run_id,
         settings.shard_size,
         settings.flush_seconds,
         features=plan.on,
@@ -129,4 +163,6 @@ def encode_folder(
                 exc,
                 dest,
             )
+    if deleted:
+        stats.counts[DELETED] = deleted
     return RunSummary(**vars(stats), skipped=skipped, features=plan.on)

@@ -8,12 +8,22 @@ Layout of a destination (local directory or S3 prefix)::
     planes.npz                the fitted planes (only for --planes codes; hashed likewise)
     codes/<shard>.npy         uint8 (n, bytes_per_code) bit-packed codes, one row per ok image
     parts/<shard>.csv         manifest rows for that shard, written after the shard
+    parts/<run>-deleted.csv   ``deleted`` rows: images a ``--resume`` found gone (no shard)
     manifest.csv              all parts merged: one row per image id
 
 A part is written only after its shard, so a part never names a code that is not on disk.
-Merging keeps exactly one row per image id: an ``ok`` row wins over a failure, and among
-rows of the same kind the latest ``encoded_at`` wins.  Re-running a chunk rewrites the same
-shard and part keys, so redelivery never adds rows.
+Merging keeps exactly one row per image id (``RowMerge``):
+
+- ``ok`` and ``deleted`` compete by ``encoded_at`` (for ``deleted``, the time the image
+  was seen gone): the later wins, so a photo deleted then restored and encoded again is
+  ``ok`` again, and a photo deleted after it was encoded is ``deleted``;
+- a failure never beats ``ok`` (a redelivered chunk that failed does not undo a code);
+  it beats an earlier ``deleted`` (the photo came back, and could not be encoded);
+- among failures, the latest wins.
+
+Among rows of one kind, on equal times the row seen last wins.  Re-running a chunk
+rewrites the same shard and part keys, so redelivery never adds rows.  ``deleted`` is not
+a failure: the status totals count it apart (``StatusTotals.deleted``).
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import csv
 import io
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Generic, TypeVar
 
 from encoder.storage import Storage
 
@@ -49,7 +60,11 @@ MANIFEST_KEY = "manifest.csv"
 PARTS_PREFIX = "parts"
 CODES_PREFIX = "codes"
 
+OK = "ok"
+DELETED = "deleted"  # gone from the folder when a --resume scanned it; not a failure
+
 Row = dict[str, str]
+T = TypeVar("T")
 
 
 def rows_to_csv(rows: Iterable[Row]) -> bytes:
@@ -72,20 +87,48 @@ def read_parts(storage: Storage, threads: int = 16) -> Iterator[Row]:
             yield from csv_to_rows(data)
 
 
-def row_rank(row: Row) -> tuple[int, str]:
-    """How rows of one image compete in the merge: an ok row beats a failure, then the
-    latest ``encoded_at`` wins (on equal ranks, the row seen last)."""
-    return (1 if row.get("status") == "ok" else 0, row.get("encoded_at", ""))
+class RowMerge(Generic[T]):
+    """The merge rule (see the module docstring), applied row by row: ``add`` each row's
+    id, status and ``encoded_at`` with a payload (the row, or what a reader keeps of it);
+    ``winners`` gives each image's winning status and payload.  It keeps, per image, the
+    latest ``ok``/``deleted`` row and the latest failure, so the result does not depend on
+    the order of the parts."""
+
+    def __init__(self) -> None:
+        # id -> [latest ok/deleted (time, is_ok, payload), latest failure (time, payload)]
+        self._best: dict[str, list] = {}
+
+    def add(self, image_id: str, status: str, encoded_at: str, payload: T) -> None:
+        slot = self._best.get(image_id)
+        if slot is None:
+            slot = self._best[image_id] = [None, None]
+        if status in (OK, DELETED):
+            if slot[0] is None or encoded_at >= slot[0][0]:
+                slot[0] = (encoded_at, status == OK, payload)
+        elif slot[1] is None or encoded_at >= slot[1][0]:
+            slot[1] = (encoded_at, payload)
+
+    def __len__(self) -> int:
+        return len(self._best)
+
+    def winners(self) -> Iterator[tuple[str, bool, T]]:
+        """``(id, is_ok, payload)`` of each image's winning row, in id order."""
+        for image_id in sorted(self._best):
+            presence, failure = self._best[image_id]
+            if presence is not None and (
+                presence[1] or failure is None or failure[0] <= presence[0]
+            ):
+                yield image_id, presence[1], presence[2]
+            else:
+                yield image_id, False, failure[1]
 
 
 def deduplicate(rows: Iterable[Row]) -> list[Row]:
-    """One row per image id (ok beats failure, then the latest wins), in id order."""
-    best: dict[str, Row] = {}
+    """One row per image id, by the merge rule (``RowMerge``), in id order."""
+    merge: RowMerge[Row] = RowMerge()
     for row in rows:
-        current = best.get(row["id"])
-        if current is None or row_rank(row) >= row_rank(current):
-            best[row["id"]] = row
-    return [best[k] for k in sorted(best)]
+        merge.add(row["id"], row.get("status", ""), row.get("encoded_at", ""), row)
+    return [row for _, _, row in merge.winners()]
 
 
 def merge_manifest(storage: Storage) -> list[Row]:
@@ -97,10 +140,16 @@ def merge_manifest(storage: Storage) -> list[Row]:
 
 def read_manifest(storage: Storage) -> list[Row]:
     """The merged manifest if one exists, else the parts merged in memory."""
+    rows = read_merged_manifest(storage)
+    return rows if rows is not None else deduplicate(read_parts(storage))
+
+
+def read_merged_manifest(storage: Storage) -> list[Row] | None:
+    """``manifest.csv`` (one read), or None when the parts were never merged."""
     try:
         return csv_to_rows(storage.get(MANIFEST_KEY))
     except KeyError:
-        return deduplicate(read_parts(storage))
+        return None
 
 
 class StatusTotals:
@@ -111,11 +160,18 @@ class StatusTotals:
 
     @property
     def processed(self) -> int:
-        return sum(self.counts.values())
+        """Images read and encoded (or failed): ``deleted`` ones are not processed."""
+        return sum(n for status, n in self.counts.items() if status != DELETED)
 
     @property
     def failed(self) -> int:
-        return sum(n for status, n in self.counts.items() if status != "ok")
+        """Images that failed; ``deleted`` is not a failure (``--strict`` ignores it)."""
+        return sum(n for status, n in self.counts.items() if status not in (OK, DELETED))
+
+    @property
+    def deleted(self) -> int:
+        """Images recorded ``deleted``: gone from the folder a ``--resume`` scanned."""
+        return self.counts.get(DELETED, 0)
 
     def count_lines(self) -> list[str]:
         return [f"  {status:<14} {n}" for status, n in sorted(self.counts.items())]
@@ -129,14 +185,20 @@ def status_counts(rows: Iterable[Row]) -> dict[str, int]:
 
 
 def done_keys(storage: Storage) -> set[tuple[str, int | None, int | None]]:
-    """``(id, size, mtime_ns)`` of every image the destination already holds as ok.
+    """``(id, size, mtime_ns)`` of every image the destination already holds as ok."""
+    return resume_keys(read_manifest(storage))
+
+
+def resume_keys(rows: Iterable[Row]) -> set[tuple[str, int | None, int | None]]:
+    """``(id, size, mtime_ns)`` of every ok row of a merged manifest.
 
     This is the resume rule of both ``imgenc encode --resume`` and ``imgenc enqueue
-    --resume``: same relative path, same size, same mtime.
+    --resume``: same relative path, same size, same mtime.  A replaced photo (new size or
+    mtime) and one that came back after it was recorded ``deleted`` are encoded again.
     """
     keys = set()
-    for row in read_manifest(storage):
-        if row["status"] == "ok":
+    for row in rows:
+        if row["status"] == OK:
             size = int(row["size"]) if row["size"] else None
             mtime = int(row["mtime_ns"]) if row["mtime_ns"] else None
             keys.add((row["id"], size, mtime))

@@ -28,7 +28,8 @@ from encoder.manifest import (
     PLANES_KEY,
     SPEC_KEY,
     Row,
-    done_keys,
+    read_manifest,
+    read_merged_manifest,
     rows_to_csv,
 )
 from encoder.settings import Settings
@@ -70,14 +71,19 @@ def check_spec(storage: Storage, spec: CodeSpec) -> bool:
 
 def open_destination(
     dest: str, spec: CodeSpec, settings: Settings, resume: bool
-) -> tuple[Storage, set[tuple[str, int | None, int | None]]]:
+) -> tuple[Storage, list[Row], bool]:
     """Open ``dest`` for writing codes of ``spec`` (refusing another spec), and return the
-    storage with the resume keys of the images it already holds as ok (empty unless
-    ``resume``).  Used by ``imgenc encode`` and by the producer alike."""
+    storage with its merged manifest, read once (empty unless ``resume``): the resume
+    keys (``encoder.manifest.resume_keys``) and the deletions (``encoder.deletions``) come
+    from it; and whether it came from ``manifest.csv`` (else from the parts, never merged
+    yet).  Used by ``imgenc encode`` and by the producer alike."""
     storage = open_storage(dest)
     calibration = settings.calibration if spec.calibration_sha256 else None
     ensure_spec(storage, spec, settings.center, calibration, settings.planes)
-    return storage, done_keys(storage) if resume else set()
+    if not resume:
+        return storage, [], False
+    rows = read_merged_manifest(storage)
+    return (storage, rows, True) if rows is not None else (storage, read_manifest(storage), False)
 
 
 def shard_name(run_id: str, number: int) -> str:

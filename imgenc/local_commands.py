@@ -29,6 +29,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             encoder=encoder,
             features=args.features,
+            accept_deletions=args.accept_deletions,
         )
     except (
         WeightsUnavailable,
@@ -54,8 +55,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if summary.interrupted:
         print("interrupted: rerun with --resume to encode the rest", file=sys.stderr)
         return 130
-    if not args.no_dedup_fit:
-        fit_after_encode(args, encoder)
+    if not args.no_dedup_fit and (summary.processed or summary.deleted or not args.resume):
+        fit_after_encode(args, encoder)  # (a resume that changed nothing leaves the fit)
     if args.strict and summary.failed:
         return 1
     return 0
@@ -185,9 +186,18 @@ def add_commands(sub: argparse._SubParsersAction, add_model_args: AddModelArgs) 
     encode.add_argument(
         "--resume",
         action="store_true",
-        help="skip images already ok in --out (same path, size and mtime)",
+        help="skip images already ok in --out (same path, size and mtime), and record as "
+        "deleted those of this folder it holds that are gone",
     )
-    encode.add_argument("--strict", action="store_true", help="exit 1 if any image failed")
+    encode.add_argument(
+        "--accept-deletions",
+        action="store_true",
+        help="with --resume: record the deletions even when the folder lost every image, "
+        "or more than half of them (20 or more) at once; refused otherwise",
+    )
+    encode.add_argument(
+        "--strict", action="store_true", help="exit 1 if any image failed (deleted is no failure)"
+    )
     encode.add_argument(
         "--features",
         action="store_true",

@@ -62,6 +62,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             args.out,
             settings=args.settings,
             resume=args.resume,
+            accept_deletions=args.accept_deletions,
             stop=stop,
             dedup_fit=not args.no_dedup_fit,
             features=args.features,
@@ -148,7 +149,14 @@ def add_commands(sub: argparse._SubParsersAction, add_model_args: AddModelArgs) 
     enqueue.add_argument(
         "--resume",
         action="store_true",
-        help="enqueue only images the destination's manifest does not show ok",
+        help="enqueue only images the destination's manifest does not show ok, and record "
+        "as deleted those under this folder it holds that are gone",
+    )
+    enqueue.add_argument(
+        "--accept-deletions",
+        action="store_true",
+        help="with --resume: record the deletions even when the folder lost every image, "
+        "or more than half of them (20 or more) at once; refused otherwise",
     )
     enqueue.add_argument("--wait", action="store_true", help="follow the job until it is done")
     enqueue.add_argument(
@@ -157,7 +165,9 @@ def add_commands(sub: argparse._SubParsersAction, add_model_args: AddModelArgs) 
         help="the workers also keep the pooled float features, float16 features/<shard>.npy",
     )
     enqueue.add_argument(
-        "--strict", action="store_true", help="with --wait: exit 1 if any image failed"
+        "--strict",
+        action="store_true",
+        help="with --wait: exit 1 if any image failed (deleted is no failure)",
     )
     enqueue.add_argument(
         "--no-dedup-fit",

@@ -4,7 +4,8 @@ Keys (all under ``imgenc:``, expiring after ``JOB_TTL`` seconds):
 
 - ``job:<id>``: hash with ``dest``, ``spec`` (JSON), ``fingerprint``, ``image_root`` (the
   producer's), ``producer_host``, ``probe`` (the first path enqueued), ``queue``,
-  ``enqueued`` (images so far), ``chunks``, ``scanning`` (1 until the producer has
+  ``enqueued`` (images so far), ``deleted`` (images a ``--resume`` recorded gone from the
+  folder), ``chunks``, ``scanning`` (1 until the producer has
   enqueued everything), ``created_at``, ``started_at``, ``updated_at``, ``finished_at``,
   and ``root_problem`` (JSON, set once by the first worker that could not find the
   job's images under its image root).
@@ -31,7 +32,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from encoder.manifest import StatusTotals
+from encoder.manifest import DELETED, StatusTotals
 
 PREFIX = "imgenc:"
 JOB_TTL = 30 * 24 * 3600  # s
@@ -130,6 +131,7 @@ class JobStatus(StatusTotals):
             "total": self.total,
             "processed": self.processed,
             "failed": self.failed,
+            "deleted": self.deleted,
             "counts": self.counts,
             "chunks": self.chunks,
             "chunks_done": self.chunks_done,
@@ -150,7 +152,8 @@ class JobStatus(StatusTotals):
         lines = [
             f"job {self.job_id} ({state}) -> {self.dest}",
             f"  {self.processed}/{self.total} images, {self.failed} failed, "
-            f"{self.chunks_done}/{self.chunks} chunks, {self.images_per_second:.2f} img/s{eta}"
+            + (f"{self.deleted} marked deleted, " if self.deleted else "")
+            + f"{self.chunks_done}/{self.chunks} chunks, {self.images_per_second:.2f} img/s{eta}"
             + (f", {self.reruns} chunk reruns" if self.reruns else ""),
         ]
         return lines + self.count_lines() + [f"problem: {p}" for p in self.problems()]
@@ -212,6 +215,10 @@ class JobRegistry:
             pipe.hincrby(self._key(job_id), "enqueued", images)
             pipe.hincrby(self._key(job_id), "chunks", 1)
             pipe.execute()
+
+    def set_deleted(self, job_id: str, images: int) -> None:
+        """How many images the producer recorded ``deleted`` (counted apart, no chunk)."""
+        self.r.hset(self._key(job_id), "deleted", images)
 
     def finish_scanning(self, job_id: str) -> None:
         self.r.hset(self._key(job_id), "scanning", 0)
@@ -296,6 +303,8 @@ class JobRegistry:
         for raw in chunk_results.values():
             for status, n in json.loads(raw).items():
                 counts[status] = counts.get(status, 0) + n
+        if int(job.get("deleted", 0) or 0):
+            counts[DELETED] = int(job["deleted"])  # recorded by the producer, apart from chunks
         return JobStatus(
             job_id=job_id,
             dest=job["dest"],

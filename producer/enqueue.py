@@ -21,6 +21,8 @@ from typing import Any
 from kombu.utils.url import maybe_sanitize_url
 
 from encoder.features import plan_features
+from encoder.deletions import check_deletions, record_deletions, vanished
+from encoder.manifest import resume_keys
 from encoder.scan import scan_images
 from encoder.settings import Settings, process_settings
 from encoder.spec import spec_for
@@ -121,6 +123,7 @@ def enqueue(
     stop: threading.Event | None = None,
     dedup_fit: bool = True,
     features: bool = False,
+    accept_deletions: bool = False,
     **model: Any,
 ) -> Job:
     """Register a job and enqueue every image under ``image_dir``; returns the ``Job``.
@@ -140,6 +143,12 @@ def enqueue(
     ``features`` has the workers write the pooled float features too (``encoder.features``:
     it sticks to a destination that has them, and fills them for the ok images of one
     that had none).
+
+    With ``resume``, the images the destination holds under this folder (ids under its
+    path relative to the image root) that the scan no longer finds are recorded
+    ``deleted`` (``encoder.deletions``) before any chunk is sent; ``check_deletions``
+    refuses an emptied folder unless ``accept_deletions``.  The job counts them apart
+    (``JobStatus.deleted``).
     """
     settings = (settings or process_settings()).override(
         {
@@ -158,13 +167,25 @@ def enqueue(
     spec = spec_for(settings)
     registry = JobRegistry.from_url(settings.broker_url)
     registry.r.ping()  # an unreachable broker fails here, before anything is written
-    storage, skip = open_destination(out, spec, settings, resume)
-    plan = plan_features(storage, features)
-    if plan.lacking:
-        plan.check_reachable({rel for rel, _ in _relative_ids(image_dir, prefix)}, str(image_dir))
-        skip = plan.adjust_skip(skip)
-    plan.accept()
+    storage, previous, _ = open_destination(out, spec, settings, resume)
     out = storage.url  # a local destination as an absolute path, the same for every worker
+    skip = resume_keys(previous)
+    plan = plan_features(storage, features)
+    skip = plan.adjust_skip(skip)
+    gone: list = []
+    if resume or plan.lacking:
+        # One scan before any chunk: the deletions are checked before anything is sent.
+        scanned = {rel for rel, _ in _relative_ids(image_dir, prefix)}
+        if resume:
+            gone, known = vanished(previous, scanned, prefix, column="id", same_root=True)
+            check_deletions(len(gone), known, accept_deletions)
+        if plan.lacking:  # images gone now need no features; the others must be here
+            gone_ids = {row["id"] for row in gone}
+            plan.lacking = [row for row in plan.lacking if row["id"] not in gone_ids]
+            plan.check_reachable(scanned, str(image_dir))
+        del scanned
+    del previous
+    plan.accept()
 
     job_id = uuid.uuid4().hex[:12]
     registry.create(
@@ -177,6 +198,11 @@ def enqueue(
         producer_host=socket.gethostname(),
         dedup_fit=dedup_fit,
     )
+    if gone:
+        # Written before the chunks: the job's merge (by the last chunk or the finalize
+        # message) includes it.
+        registry.set_deleted(job_id, record_deletions(storage, gone, job_id))
+        log.info("job %s: %d images gone from %s marked deleted", job_id, len(gone), image_dir)
     app = make_app(settings)
     skipped = 0
     with app.connection_for_write() as connection:

@@ -11,9 +11,11 @@ The index persists under ``DEST/index/``: ``meta.json`` (the spec fingerprint, t
 and the version of every manifest part it covers), then ``<generation>.faiss`` (what the
 backend dumps), ``<generation>.ids.json`` and ``<generation>.facts.npz``.  ``open`` and
 ``refresh`` compare the parts with what the index covers: new parts are added
-incrementally; a part rewritten, or an indexed image encoded again, rebuilds.  The index
-is never silently stale: ``stale`` says whether the destination moved on since the last
-``refresh``.
+incrementally; a part rewritten, or an indexed image encoded again or recorded
+``deleted`` (by a ``--resume`` that found it gone), rebuilds a new generation from the
+merged parts, so a deleted image leaves ``search``, ``similar``, the near-duplicates and
+the thumbnails at the next ``open`` or ``refresh``.  The index is never silently stale:
+``stale`` says whether the destination moved on since the last ``refresh``.
 
 Results are ordered by distance, ties broken by id, so exact search equals a brute-force
 Hamming ranking whatever the order codes were added in.
@@ -36,7 +38,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from encoder.codes import codes_at, read_spec
-from encoder.manifest import PARTS_PREFIX, Row, csv_to_rows, row_rank
+from encoder.manifest import DELETED, OK, PARTS_PREFIX, Row, RowMerge, csv_to_rows
 from encoder.spec import CodeSpec
 from encoder.storage import Storage, StorageError, open_storage
 from search.backend import BACKENDS, CodeBackend, new_backend
@@ -176,8 +178,11 @@ class Index:
                 return False
             rewritten = [k for k, v in state.parts.items() if current.get(k) != v]
             new_keys = [k for k in current if k not in state.parts]
-            new_images = _ok_images(self.storage, new_keys)
-            if rewritten or any(i.id in state.positions for i in new_images):
+            touched: set[str] = set()
+            new_images = _ok_images(self.storage, new_keys, touched)
+            # An indexed image encoded again or recorded deleted: rebuild from the merged
+            # parts (HNSW cannot remove, and a removal would shift the flat positions).
+            if rewritten or any(i in state.positions for i in touched):
                 self._state = self._build(current)
             else:
                 self._state = self._extend(state, new_images, current)
@@ -398,27 +403,36 @@ def _read_meta(storage: Storage) -> dict[str, Any] | None:
         return None
 
 
-def _ok_images(storage: Storage, part_keys: Sequence[str]) -> list[StoredImage]:
+def _ok_images(
+    storage: Storage, part_keys: Sequence[str], touched: set[str] | None = None
+) -> list[StoredImage]:
     """The images of these manifest parts whose row, one per image as the manifest merge
-    keeps them (ok beats failure, then the latest), is ok; sorted by id.  Parts are read
-    16 at a time and reduced to what the index keeps as they are parsed, so memory holds
-    a few parts' rows at most, never the whole manifest as dicts."""
-    best: dict[str, tuple[tuple[int, str], StoredImage | None]] = {}
+    keeps them (``encoder.manifest.RowMerge``: ok and deleted by time, a failure never
+    over ok), is ok; sorted by id.  Parts are read 16 at a time and reduced to what the
+    index keeps as they are parsed, so memory holds a few parts' rows at most, never the
+    whole manifest as dicts.  ``touched``, when given, receives the id of every ``ok`` or
+    ``deleted`` row read (what may change an image already indexed)."""
+    merge: RowMerge[StoredImage | None] = RowMerge()
 
-    def parse(key: str) -> list[tuple[tuple[int, str], StoredImage | None, str]]:
+    def parse(key: str) -> list[tuple[str, str, str, StoredImage | None]]:
         return [
-            (row_rank(row), _stored_image(row) if row["status"] == "ok" else None, row["id"])
+            (
+                row["id"],
+                row["status"],
+                row.get("encoded_at", ""),
+                _stored_image(row) if row["status"] == OK else None,
+            )
             for row in csv_to_rows(storage.get(key))
         ]
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         for start in range(0, len(part_keys), 16):
             for part in pool.map(parse, part_keys[start : start + 16]):
-                for rank, image, image_id in part:
-                    current = best.get(image_id)
-                    if current is None or rank >= current[0]:
-                        best[image_id] = (rank, image)
-    return [image for _, (_, image) in sorted(best.items()) if image is not None]
+                for image_id, status, encoded_at, image in part:
+                    merge.add(image_id, status, encoded_at, image)
+                    if touched is not None and status in (OK, DELETED):
+                        touched.add(image_id)
+    return [image for _, ok, image in merge.winners() if ok and image is not None]
 
 
 def _stored_image(row: Row) -> StoredImage:
