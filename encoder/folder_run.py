@@ -16,8 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from encoder.features import feature_mapper, plan_features
 from encoder.deletions import check_deletions, record_deletions, vanished
+from encoder.features import feature_mapper, plan_features
 from encoder.images import ImageLoader
 from encoder.manifest import DELETED, merge_manifest, resume_keys, status_counts
 from encoder.progress import TqdmProgress

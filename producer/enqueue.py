@@ -20,8 +20,8 @@ from typing import Any
 
 from kombu.utils.url import maybe_sanitize_url
 
-from encoder.features import plan_features
 from encoder.deletions import check_deletions, record_deletions, vanished
+from encoder.features import plan_features
 from encoder.manifest import resume_keys
 from encoder.scan import scan_images
 from encoder.settings import Settings, process_settings
