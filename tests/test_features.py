@@ -100,6 +100,35 @@ def test_after_a_resume_features_stick_and_stay_aligned_with_new_and_changed_ima
     assert_aligned(dest, folder, **SPATIAL)
 
 
+def test_after_a_resume_with_deletions_features_hold_one_row_per_ok_image_only(tmp_path):
+    folder = catalogue(tmp_path / "images")
+    dest = tmp_path / "d"
+    encode_folder(folder, str(dest), make_settings(**STUB), progress=False, features=True)
+    for name in ("img_00000.jpg", "img_00003.jpg"):
+        (folder / name).unlink()
+    write_jpegs(folder, 1, start=70)
+    summary = encode_folder(folder, str(dest), make_settings(**STUB), resume=True, progress=False)
+    assert summary.counts["deleted"] == 2 and summary.counts["ok"] == 1
+    ids, features = load_features(dest)
+    assert "img_00000.jpg" not in ids and "img_00003.jpg" not in ids
+    assert len(ids) == 5 == features.shape[0]  # 4 left + 1 new
+    assert_aligned(dest, folder, **SPATIAL)
+
+
+def test_resume_features_on_a_featureless_destination_with_deletions_fills_the_rest(tmp_path):
+    folder = catalogue(tmp_path / "images")
+    dest = tmp_path / "d"
+    encode_folder(folder, str(dest), make_settings(**STUB), progress=False)
+    (folder / "img_00002.jpg").unlink()  # gone: it needs no features, and is no refusal
+    summary = encode_folder(
+        folder, str(dest), make_settings(**STUB), resume=True, progress=False, features=True
+    )
+    assert summary.counts["deleted"] == 1 and summary.counts["ok"] == 5
+    ids, _ = load_features(dest)
+    assert len(ids) == 5 and "img_00002.jpg" not in ids
+    assert_aligned(dest, folder, **SPATIAL)
+
+
 def test_resume_features_on_a_destination_made_without_fills_them_for_every_ok_image(tmp_path):
     folder = catalogue(tmp_path / "images")
     dest = tmp_path / "d"
