@@ -313,8 +313,7 @@ def quality(ctx: Context) -> None:
     encoders = {layout: Encoder(ctx.settings(**LITE, layout=layout)) for layout in LAYOUTS}
     numpy_cases = label_precision(ctx, encoders["spatial"], names, y) if len(names) > 2 else {}
     catalogue, made = make_catalogue(ctx)
-    if len(ctx.files) > 100:
-        methods_for_copies(ctx, encoders["spatial"], catalogue, made)
+    methods_for_copies(ctx, encoders["spatial"], catalogue, made)
     for layout in ("pooled", "spatial"):
         dest, encoder = ctx.work / f"quality-photos-{layout}", encoders[layout]
         encode_folder(ctx.images, str(dest), encoder.settings, progress=False, encoder=encoder)
