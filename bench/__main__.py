@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         start = time.monotonic()
         for step in (step for step in STEPS if step in chosen):
             print(f"[{step}]", flush=True)
+            began = time.monotonic()
             STEPS[step](ctx)
+            print(f"  ({time.monotonic() - began:.0f} s)")
         elapsed = time.monotonic() - start
         table = {
             "machine": about,

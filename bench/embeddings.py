@@ -100,7 +100,7 @@ def embeddings(ctx: Context) -> None:
 
     chosen = ctx.settings(**LITE, layout="pooled")
     encoder = load_encoder(chosen)
-    catalogue, made = make_catalogue(ctx)
+    catalogue, made = make_catalogue(ctx, "embeddings-catalogue")
     dest = ctx.work / "embeddings"
     encode_folder(catalogue, str(dest), chosen, progress=False, encoder=encoder, features=True)
     classifiers(ctx, dest)

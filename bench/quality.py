@@ -24,10 +24,10 @@ that backbone costs against VGG16.
    that near), on the pooled features of the photos and of their copies, in NumPy.
 3. ``backbones``: files -> codes (``encode_folder``, spatial, batch 32, up to 256 photos,
    best of two runs) for VGG16 (random weights: speed does not depend on them) and Lite0
-   side by side on TF fp32, OV fp32 and OV int8 (quantized from 64 of the photos), every
-   encoder built and warmed up first; for Lite0, the bare
-   encode of a decoded batch, 1 and 4 decode threads (2 is the default), and decoding +
-   resizing on one core.
+   side by side on TF fp32, OV fp32 (not under ``--quick``) and OV int8 (quantized from 64
+   of the photos), every encoder built and warmed up first; for Lite0, the bare encode of
+   a decoded batch, 1 and 4 decode threads (2 is the default), and decoding + resizing on
+   one core.
 """
 
 from __future__ import annotations
@@ -193,10 +193,10 @@ def through_product(ctx: Context, index: Any, names: list[str], y: np.ndarray, c
 
 
 # --- 2. near-duplicates ---------------------------------------------------------------------
-def make_catalogue(ctx: Context) -> tuple[Path, dict[str, tuple[str, str]]]:
-    """The photos and the copies of ``COPIED`` of them; returns the folder and
-    ``{copy: (its photo, kind)}``."""
-    folder = ctx.work / "quality-catalogue"
+def make_catalogue(ctx: Context, name: str) -> tuple[Path, dict[str, tuple[str, str]]]:
+    """The photos and the copies of ``COPIED`` of them in the folder ``name``; returns the
+    folder and ``{copy: (its photo, kind)}``."""
+    folder = ctx.work / name
     shutil.copytree(ctx.images, folder)
     made = {}
     for name in ctx.files[:: max(1, len(ctx.files) // COPIED)][:COPIED]:
@@ -312,7 +312,7 @@ def quality(ctx: Context) -> None:
     y = np.unique([labelled[name] for name in names], return_inverse=True)[1]
     encoders = {layout: Encoder(ctx.settings(**LITE, layout=layout)) for layout in LAYOUTS}
     numpy_cases = label_precision(ctx, encoders["spatial"], names, y) if len(names) > 2 else {}
-    catalogue, made = make_catalogue(ctx)
+    catalogue, made = make_catalogue(ctx, "quality-catalogue")
     methods_for_copies(ctx, encoders["spatial"], catalogue, made)
     for layout in ("pooled", "spatial"):
         dest, encoder = ctx.work / f"quality-photos-{layout}", encoders[layout]
@@ -361,7 +361,8 @@ def backbones(ctx: Context) -> None:
             rates.append(summary.processed / summary.seconds)
         return max(rates)
 
-    for runtime, precision in (("tensorflow", "fp32"), ("openvino", "fp32"), ("openvino", "int8")):
+    configs = (("tensorflow", "fp32"), ("openvino", "fp32"), ("openvino", "int8"))
+    for runtime, precision in configs[:: 2 if ctx.quick else 1]:  # --quick: no OV fp32
         rates, what = {}, f"{'TF' if runtime == 'tensorflow' else 'OV'} {precision}"
         for model, more in (("VGG16", {"backbone": "vgg16"}), ("Lite0", LITE)):
             chosen = ctx.settings(
