@@ -222,12 +222,13 @@ def serving(ctx: Context, name: str, count: int, model: dict[str, str], *args: s
     started = time.monotonic()
     try:
         server.start()
+        startup = time.monotonic() - started
+        uploads = [(p.name, p.read_bytes()) for p in sorted(folder.iterdir())]
+        post_all(server.url, uploads[:2], [])  # warm-up
     except BaseException:
         server.stop()
         raise
-    uploads = [(p.name, p.read_bytes()) for p in sorted(folder.iterdir())]
-    post_all(server.url, uploads[:2], [])  # warm-up
-    return server, uploads, time.monotonic() - started
+    return server, uploads, startup
 
 
 def serve_latency(ctx: Context) -> None:
