@@ -1,2 +1,2 @@
-"""``python -m bench``: speed against the bare model, the notebook's pipeline and the
-machine's limit, plus LSH fidelity and cost, in one run on the same images."""
+"""``python -m bench``: the speed, quality and cost figures of the README and
+docs/performance.md, in one run on the same photos."""

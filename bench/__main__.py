@@ -2,24 +2,39 @@
 
 Runs every measurement in one run on the same photos, prints each figure (with ratios
 against references measured in the same run, and the machine beside them), and writes
-the same table as JSON.  Run it from a checkout: it starts its own ``redis-server`` and
-Celery workers, and stops them.  ``python -m bench.report PATH`` renders the JSON as
-Markdown.
+the same table as JSON.  Run it from a checkout: it starts its own ``redis-server``,
+Celery workers and servers with the tests' harness (``tests.helpers``), and stops them,
+also on SIGINT or SIGTERM.  ``python -m bench.report PATH`` renders the JSON as Markdown.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from bench import measure
+from bench import embeddings, pipeline, quality, search_measure
+from bench.core import Context, machine
 from bench.images import SAMPLE_PHOTOS_NAME, SHARED_PHOTOS_NAME, NoPhotos, prepare_photos
+
+STEPS: dict[str, Callable[[Context], None]] = {
+    "ceiling": pipeline.ceiling,
+    "embedded": pipeline.embedded,
+    "distributed": pipeline.distributed,
+    "queue": pipeline.queue,
+    "search": search_measure.search,
+    "flood": search_measure.flood,
+    "quality": quality.quality,
+    "backbones": quality.backbones,
+    "embeddings": embeddings.embeddings,
+}
+NEEDS = {"embedded": "ceiling", "distributed": "ceiling"}  # the step a ratio divides by
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,20 +50,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--weights",
         default="random",
-        help="imagenet or a weights file, for the speed steps that encode photos (speed "
-        "does not depend on them; the quality step always uses efficientnet_lite0's "
-        "ImageNet weights) [random]",
+        help="imagenet or a weights file, for the VGG16 speed steps (speed does not depend "
+        "on them; quality always uses efficientnet_lite0's ImageNet weights) [random]",
     )
     parser.add_argument("--json", default="bench-results.json", help="where to write the table")
-    parser.add_argument(
-        "--only", nargs="*", choices=list(measure.STEPS), help="run only these steps"
-    )
+    parser.add_argument("--only", nargs="*", choices=list(STEPS), help="run only these steps")
     return parser.parse_args(argv)
+
+
+def interrupted(signum: int, _frame: object) -> None:
+    """SIGTERM (and SIGINT) unwind like Ctrl-C, once: every step stops what it started."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    measure.WEIGHTS["weights"] = args.weights
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
     work = Path(tempfile.mkdtemp(prefix="imgenc-bench-"))
     try:
         count = args.n or (16 if args.quick else 1000)
@@ -57,32 +77,35 @@ def main(argv: list[str] | None = None) -> int:
         except NoPhotos as problem:
             print(f"python -m bench: {problem}", file=sys.stderr)
             return 2
-        ctx = measure.Context(images=photos.folder, files=photos.files, quick=args.quick, work=work)
-        machine = measure.machine()
+        ctx = Context(photos.folder, photos.files, args.quick, work, args.weights)
+        about = machine()
         print(
-            f"machine: {machine['cpu']}, {machine['cores']} cores, "
-            f"CPU flags {' '.join(machine['flags']) or 'none'}, "
-            f"TensorFlow {machine['tensorflow']}, GPUs {', '.join(machine['gpus']) or 'none'}"
+            f"machine: {about['cpu']}, {about['cores']} cores, CPU flags "
+            f"{' '.join(about['flags']) or 'none'}, TensorFlow {about['tensorflow']}, "
+            f"GPUs {', '.join(about['gpus']) or 'none'}\nimages: {photos.description}; "
+            f"weights: {args.weights} (quality: efficientnet_lite0, ImageNet weights)"
         )
-        print(
-            f"images: {photos.description}; weights: {args.weights} (speed does not depend "
-            "on the weights' values; quality: efficientnet_lite0, ImageNet weights)"
-        )
+        chosen = set(args.only or STEPS)
+        chosen |= {NEEDS[step] for step in chosen if step in NEEDS}
         start = time.monotonic()
-        for step in measure.steps_to_run(args.only):
+        for step in (step for step in STEPS if step in chosen):
             print(f"[{step}]", flush=True)
-            measure.STEPS[step](ctx)
+            began = time.monotonic()
+            STEPS[step](ctx)
+            print(f"  ({time.monotonic() - began:.0f} s)")
         elapsed = time.monotonic() - start
         table = {
-            "machine": machine,
+            "machine": about,
             "images": photos.description,
             "quick": args.quick,
             "seconds": round(elapsed, 1),
-            "rows": [row.to_dict() for row in ctx.rows],
+            "rows": ctx.rows,
         }
         Path(args.json).write_text(json.dumps(table, indent=2) + "\n")
-        shown = Path(args.json).name if os.path.isabs(args.json) else args.json
-        print(f"{len(ctx.rows)} figures in {elapsed:.0f} s, written to {shown}")
+        print(f"{len(ctx.rows)} figures in {elapsed:.0f} s, written to {Path(args.json).name}")
+    except KeyboardInterrupt as stop:
+        print(f"python -m bench: interrupted ({stop}); what it started is stopped", file=sys.stderr)
+        return 130
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

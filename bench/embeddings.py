@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.measure import Context, Row, settings
+from bench.core import Context
 from bench.quality import LITE, labels, make_catalogue, truth
 
 FOLDS = 5
@@ -59,14 +59,14 @@ def classifiers(ctx: Context, dest: Any) -> None:
     y = np.unique(y[keep], return_inverse=True)[1]
     what = f"{len(y)} labelled photos, {len(np.unique(y))} labels"
     majority = float(np.bincount(y).max() / len(y))
-    ctx.add(Row("embeddings", f"majority label ({what})", majority, "share"))
+    ctx.add("embeddings", f"majority label ({what})", majority, "share")
     size = features.shape[1] * 2
     on_features = accuracy(x_features, y)
     name = f"{FOLDS}-fold logistic regression, pooled float features ({size:,} B/image)"
-    ctx.add(Row("embeddings", name, on_features, "share", on_features / majority, "majority"))
+    ctx.add("embeddings", name, on_features, "share", on_features / majority, "majority")
     on_codes = accuracy(x_codes, y)
     name = f"{FOLDS}-fold logistic regression, 500-bit pooled codes ({codes.shape[1]} B/image)"
-    ctx.add(Row("embeddings", name, on_codes, "share", on_codes / on_features, "float features"))
+    ctx.add("embeddings", name, on_codes, "share", on_codes / on_features, "float features")
 
 
 def rescoring(ctx: Context, index: Any, fit: Any, made: dict) -> None:
@@ -82,25 +82,14 @@ def rescoring(ctx: Context, index: Any, fit: Any, made: dict) -> None:
             else f"max distance {fit.max_distance} bits"
         )
         note = ", ".join(f"{k} {v:.2f}" for k, v in found.items())
-        ctx.add(
-            Row(
-                "embeddings",
-                f"copies grouped with their photo, pooled, {label}",
-                float(np.mean(list(found.values()))),
-                "share",
-                note=f"{rule}; the fit expected {expected:.3f}; {note}",
-            )
-        )
+        share = float(np.mean(list(found.values())))
+        note = f"{rule}; the fit expected {expected:.3f}; {note}"
+        name = f"copies grouped with their photo, pooled, {label}"
+        ctx.add("embeddings", name, share, "share", note=note)
         false = rescore.false_pairs if use and rescore else fit.false_pairs
-        ctx.add(
-            Row(
-                "embeddings",
-                f"photos merged with another photo, pooled, {label}",
-                merged,
-                "share",
-                note=f"of {photos}; the fit expected {false:.3f} paired",
-            )
-        )
+        note = f"of {photos}; the fit expected {false:.3f} paired"
+        name = f"photos merged with another photo, pooled, {label}"
+        ctx.add("embeddings", name, merged, "share", note=note)
 
 
 def embeddings(ctx: Context) -> None:
@@ -109,9 +98,9 @@ def embeddings(ctx: Context) -> None:
     from search.duplicate_fit import TooFewImages, fit_destination
     from search.index import Index
 
-    chosen = settings(**LITE, layout="pooled")
+    chosen = ctx.settings(**LITE, layout="pooled")
     encoder = load_encoder(chosen)
-    catalogue, made = make_catalogue(ctx)
+    catalogue, made = make_catalogue(ctx, "embeddings-catalogue")
     dest = ctx.work / "embeddings"
     encode_folder(catalogue, str(dest), chosen, progress=False, encoder=encoder, features=True)
     classifiers(ctx, dest)

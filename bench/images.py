@@ -6,14 +6,11 @@ sees exactly the same set: the 1,000 photos of ``../shared/data/clothing-1k/imag
 ``--quick`` runs without either, the 16 sample photos committed in ``examples/images``
 (repeated when more are asked for).  Descriptions never name an absolute path.
 
-``write_small_jpegs`` makes the tiny JPEGs of the queue-capacity step,
-``touch_empty_jpegs`` the empty files the producer's memory is measured on, and
-``smooth_png`` the large lossless upload of the flood measurement (and of the tests).
+``write_small_jpegs`` makes the tiny JPEGs of the queue-capacity step.
 """
 
 from __future__ import annotations
 
-import io
 import shutil
 from dataclasses import dataclass
 from itertools import cycle, islice
@@ -91,23 +88,3 @@ def write_small_jpegs(folder: Path, count: int, size: tuple[int, int] = (64, 48)
         field = Image.fromarray(grid.astype(np.uint8), "RGB").resize(size, Image.Resampling.BICUBIC)
         field.save(folder / f"tiny_{number:05d}.jpg", quality=90)
     return folder
-
-
-def touch_empty_jpegs(folder: Path, count: int) -> Path:
-    """``count`` empty files named like JPEGs: the producer only scans and sends their paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for number in range(count):
-        (folder / f"{number:07d}.jpg").touch()
-    return folder
-
-
-def smooth_png(side: int) -> bytes:
-    """A ``side x side`` RGB PNG of smooth gradients: 81 Mpx at 9,000, about 1.3 MB (PNG
-    compresses it well) but about 1.3 s of one core to decode, with no reduced-scale
-    decode.  Made in about 3 s."""
-    red = Image.linear_gradient("L").resize((side, side), Image.Resampling.BILINEAR)
-    green = red.transpose(Image.Transpose.ROTATE_90)
-    blue = Image.radial_gradient("L").resize((side, side), Image.Resampling.BILINEAR)
-    buffer = io.BytesIO()
-    Image.merge("RGB", (red, green, blue)).save(buffer, "PNG", compress_level=1)
-    return buffer.getvalue()

@@ -24,16 +24,17 @@ that backbone costs against VGG16.
    that near), on the pooled features of the photos and of their copies, in NumPy.
 3. ``backbones``: files -> codes (``encode_folder``, spatial, batch 32, up to 256 photos,
    best of two runs) for VGG16 (random weights: speed does not depend on them) and Lite0
-   side by side on TF fp32, OV fp32 and OV int8 (quantized from 64 of the photos), every
-   encoder built and warmed up first (``bench.runtime_measure``); for Lite0, the bare
-   encode of a decoded batch, 1 and 4 decode threads (2 is the default), and decoding +
-   resizing on one core.
+   side by side on TF fp32, OV fp32 (not under ``--quick``) and OV int8 (quantized from 64
+   of the photos), every encoder built and warmed up first; for Lite0, the bare encode of
+   a decoded batch, 1 and 4 decode threads (2 is the default), and decoding + resizing on
+   one core.
 """
 
 from __future__ import annotations
 
 import csv
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,13 +42,24 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from bench import measure
+from bench.core import (
+    Context,
+    cosine_topk,
+    decode_rate,
+    decoded_batch,
+    features,
+    hamming_distances,
+    hamming_topk,
+    overlap,
+    seconds_per_call,
+)
 from bench.images import SAMPLE_PHOTOS, SHARED_PHOTOS
-from bench.measure import LSH_BITS, Context, Row, settings
 from encoder.copies import COPY_KINDS, _crop, open_picture
 from encoder.planes import hyperplanes
 from encoder.settings import LAYOUTS
 
+LSH_BITS = (64, 128, 256, 500, 1024)
+SPEED_PHOTOS = 256
 LITE = {"backbone": "efficientnet_lite0", "weights": "imagenet"}
 K = 10
 DROPPED_LABELS = ("Not sure", "Skip", "Other")
@@ -91,7 +103,7 @@ def precision(top: np.ndarray, y: np.ndarray) -> float:
 def label_precision(ctx: Context, encoder: Any, names: list[str], y: np.ndarray) -> dict:
     """The precision rows of the NumPy hashing; returns, per layout, the 500-bit raw
     ``(bits, top-k, precision)`` for the product path to compare with."""
-    spatial = measure.features(ctx, encoder)  # (photos, positions, channels)
+    spatial = features(ctx, encoder, ctx.images, ctx.files)  # (photos, positions, channels)
     pooled = spatial.mean(axis=1)  # GlobalAveragePooling2D
     centre = pooled.mean(axis=0)
     keep = [ctx.files.index(name) for name in names]
@@ -99,28 +111,28 @@ def label_precision(ctx: Context, encoder: Any, names: list[str], y: np.ndarray)
     counts = np.bincount(y)
     chance = float(np.mean((counts[y] - 1) / (len(y) - 1)))
     what = f"chance level ({len(y)} labelled photos, {len(counts)} labels)"
-    ctx.add(Row("quality", f"label precision@{k}, {what}", chance, "share"))
-    exact = measure.cosine_topk(pooled[keep], k)
+    ctx.add("quality", f"label precision@{k}, {what}", chance, "share")
+    exact = cosine_topk(pooled[keep], k)
     ref = precision(exact, y)
     name = f"label precision@{k}, pooled float features (cosine)"
-    ctx.add(Row("quality", name, ref, "share", ref / chance, "chance level", "leave one out"))
+    ctx.add("quality", name, ref, "share", ref / chance, "chance level", "leave one out")
     kept = {}
     for layout, x, sizes in (("pooled", pooled[keep], LSH_BITS), ("spatial", spatial[keep], [500])):
         for bits, centred in ((bits, centred) for bits in sizes for centred in (False, True)):
             codes = hash_bits(x, bits, centre if centred else None)
-            top = measure.hamming_topk(codes, k)
+            top = hamming_topk(codes, k)
             value = precision(top, y)
             name = f"label precision@{k}, {layout} {bits} bits, {'centred' if centred else 'raw'}"
-            note = f"recall@{k} of the float features' neighbours {measure.overlap(top, exact):.3f}"
-            ctx.add(Row("quality", name, value, "share", value / ref, "float features", note))
+            note = f"recall@{k} of the float features' neighbours {overlap(top, exact):.3f}"
+            ctx.add("quality", name, value, "share", value / ref, "float features", note)
             if bits == 500 and not centred:
                 kept[layout] = (layout, codes, top, value)
     for bits, (offset, planes) in itq_planes(pooled).items():
-        top = measure.hamming_topk((pooled[keep] - offset) @ planes > 0, k)
+        top = hamming_topk((pooled[keep] - offset) @ planes > 0, k)
         value = precision(top, y)
         name = f"label precision@{k}, pooled {bits} bits, PCA-ITQ ({bits // 8} B per image)"
         note = f"fitted on the {len(pooled)} photos' pooled features"
-        ctx.add(Row("quality", name, value, "share", value / ref, "float features", note))
+        ctx.add("quality", name, value, "share", value / ref, "float features", note)
     return kept
 
 
@@ -137,15 +149,7 @@ def itq_planes(pooled: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
 
 def methods_for_copies(ctx: Context, encoder: Any, catalogue: Path, made: dict) -> None:
     """Copies within reach at a 1% false-pair rate, per hashing method (``methods``)."""
-    from encoder.images import ImageLoader
-
-    loader = ImageLoader(catalogue, encoder.input_size)
-    names = ctx.files + list(made)
-    pooled = []
-    for start in range(0, len(names), 32):
-        results = [loader.load(name) for name in names[start : start + 32]]
-        pooled.append(encoder.features(np.stack([r.pixels for r in results])).mean(axis=1))
-    x = np.concatenate(pooled)
+    x = features(ctx, encoder, catalogue, ctx.files + list(made)).mean(axis=1)
     photos, copies = x[: len(ctx.files)], x[len(ctx.files) :]
     source = np.array([ctx.files.index(photo) for photo, _ in made.values()])
     cases = {
@@ -163,16 +167,13 @@ def methods_for_copies(ctx: Context, encoder: Any, catalogue: Path, made: dict) 
     for what, (offset, planes) in cases.items():
         shifted = (lambda v: v) if offset is None else (lambda v, o=offset: v - o)
         a, b = shifted(photos) @ planes > 0, shifted(copies) @ planes > 0
-        ones = a.sum(axis=1).astype(np.float32)
-        fa = a.astype(np.float32)
-        dist = ones[:, None] + ones[None, :] - 2 * (fa @ fa.T)
-        np.fill_diagonal(dist, np.inf)
+        dist = hamming_distances(a)
         reach = np.quantile(dist.min(axis=1), 0.01)  # 1% of photos have another this near
         copy_dist = (a[source] != b).sum(axis=1)
         found = float(np.mean(copy_dist < reach))
         name = f"copies within reach at 1% false pairs, pooled {what}"
         note = f"reach {reach:.0f} bits; {len(copies)} copies of {len(set(source))} photos"
-        ctx.add(Row("methods", name, found, "share", note=note))
+        ctx.add("methods", name, found, "share", note=note)
 
 
 def through_product(ctx: Context, index: Any, names: list[str], y: np.ndarray, case: tuple) -> None:
@@ -188,14 +189,14 @@ def through_product(ctx: Context, index: Any, names: list[str], y: np.ndarray, c
         f"code bits equal to the NumPy hashing's {np.mean(stored == codes):.4f}; queries "
         f"with the same top-{k} {np.mean((top == numpy_top).all(axis=1)):.3f}"
     )
-    ctx.add(Row("quality", name, value, "share", value / numpy_value, "the NumPy hashing", note))
+    ctx.add("quality", name, value, "share", value / numpy_value, "the NumPy hashing", note)
 
 
 # --- 2. near-duplicates ---------------------------------------------------------------------
-def make_catalogue(ctx: Context) -> tuple[Path, dict[str, tuple[str, str]]]:
-    """The photos and the copies of ``COPIED`` of them; returns the folder and
-    ``{copy: (its photo, kind)}``."""
-    folder = ctx.work / "quality-catalogue"
+def make_catalogue(ctx: Context, name: str) -> tuple[Path, dict[str, tuple[str, str]]]:
+    """The photos and the copies of ``COPIED`` of them in the folder ``name``; returns the
+    folder and ``{copy: (its photo, kind)}``."""
+    folder = ctx.work / name
     shutil.copytree(ctx.images, folder)
     made = {}
     for name in ctx.files[:: max(1, len(ctx.files) // COPIED)][:COPIED]:
@@ -268,7 +269,7 @@ def near_duplicates(ctx: Context, encoder: Any, clean_index: Any, catalogue: Pat
             f"{clean.max_distance / bits:.2%} of the bits, limited by {clean.limited_by}; "
             f"{clean.copies_in_catalogue} close neighbours passed over as copies"
         )
-        ctx.add(Row("near-dup", name, clean.max_distance, "bits", note=note))
+        ctx.add("near-dup", name, clean.max_distance, "bits", note=note)
     except TooFewImages as exc:
         clean = None
         print(f"  (no fit on the {len(clean_index)} photos alone: {exc})")
@@ -279,13 +280,13 @@ def near_duplicates(ctx: Context, encoder: Any, clean_index: Any, catalogue: Pat
         f"{fit.copies_in_catalogue} close neighbours passed over as copies; the fit expects "
         f"to find {fit.found_all:.3f} of copies and pair {fit.false_pairs:.3f} of images"
     )
-    ctx.add(Row("near-dup", name, fit.max_distance, "bits", ratio, "the photos alone", note))
+    ctx.add("near-dup", name, fit.max_distance, "bits", ratio, "the photos alone", note)
     found, merged = truth(index, made, photos, None)
     for kind, share in found.items():
         name = f"{kind} copies ({BENCH_COPIES[kind][0]}) grouped with their photo, {layout}"
         expected, own = fit.found.get(kind, 0), COPY_KINDS[kind].description
         note = f"at the fitted {fit.max_distance} bits; the fit expected {expected:.2f} ({own})"
-        ctx.add(Row("near-dup", name, share, "share", note=note))
+        ctx.add("near-dup", name, share, "share", note=note)
     others = {round(fit.max_distance * 0.8), round(fit.max_distance * 1.2)} - {fit.max_distance}
     for distance in [fit.max_distance, *sorted(others)]:
         if distance != fit.max_distance:
@@ -293,10 +294,10 @@ def near_duplicates(ctx: Context, encoder: Any, clean_index: Any, catalogue: Pat
         at = at_fit if distance == fit.max_distance else f"{distance} bits"
         note = ", ".join(f"{k} {v:.2f}" for k, v in found.items())
         name = f"copies grouped with their photo, {layout}, {at}"
-        ctx.add(Row("near-dup", name, float(np.mean(list(found.values()))), "share", note=note))
+        ctx.add("near-dup", name, float(np.mean(list(found.values()))), "share", note=note)
         name = f"photos merged with another photo, {layout}, {at}"
         note = f"of {photos}; the fit expected {fit.false_pairs:.3f} paired at its threshold"
-        ctx.add(Row("near-dup", name, merged, "share", note=note))
+        ctx.add("near-dup", name, merged, "share", note=note)
     shutil.rmtree(dest, ignore_errors=True)
 
 
@@ -309,11 +310,10 @@ def quality(ctx: Context) -> None:
     labelled = labels(ctx.files)
     names = [name for name in ctx.files if name in labelled]
     y = np.unique([labelled[name] for name in names], return_inverse=True)[1]
-    encoders = {layout: Encoder(settings(**LITE, layout=layout)) for layout in LAYOUTS}
+    encoders = {layout: Encoder(ctx.settings(**LITE, layout=layout)) for layout in LAYOUTS}
     numpy_cases = label_precision(ctx, encoders["spatial"], names, y) if len(names) > 2 else {}
-    catalogue, made = make_catalogue(ctx)
-    if len(ctx.files) > 100:
-        methods_for_copies(ctx, encoders["spatial"], catalogue, made)
+    catalogue, made = make_catalogue(ctx, "quality-catalogue")
+    methods_for_copies(ctx, encoders["spatial"], catalogue, made)
     for layout in ("pooled", "spatial"):
         dest, encoder = ctx.work / f"quality-photos-{layout}", encoders[layout]
         encode_folder(ctx.images, str(dest), encoder.settings, progress=False, encoder=encoder)
@@ -325,18 +325,31 @@ def quality(ctx: Context) -> None:
 
 
 # --- 3. speed: Lite0 against VGG16 ------------------------------------------------------------
+def compiled_note(encoder: Any) -> str:
+    """The OpenVINO compiled model's streams, threads and inference precision."""
+    compiled = getattr(encoder, "compiled", None)
+    if compiled is None:
+        return ""
+    precision = compiled.get_property("INFERENCE_PRECISION_HINT")
+    return (
+        f"OV compiled: {compiled.get_property('NUM_STREAMS')} stream(s), "
+        f"{compiled.get_property('INFERENCE_NUM_THREADS')} threads, inference precision "
+        f"{getattr(precision, 'to_string', lambda: precision)()}"
+    )
+
+
 def backbones(ctx: Context) -> None:
     """The group ``backbones`` (see the module docstring)."""
-    from bench import runtime_measure as rt
     from encoder.calibrate import calibration_sample, save_calibration
     from encoder.folder_run import encode_folder
+    from encoder.runtime import load_encoder
 
-    files = ctx.files[: rt.SPEED_PHOTOS]
-    photos = rt.copy_photos(ctx, files, ctx.work / "backbones-photos")
+    photos = ctx.copy_photos(SPEED_PHOTOS, "backbones-photos")
+    count = len(ctx.files[:SPEED_PHOTOS])
     calibration, cache = ctx.work / "backbones-calib.npz", ctx.work / "backbones-model-cache"
-    sample = 8 if ctx.quick else rt.CALIBRATION_IMAGES
-    save_calibration(calibration, *calibration_sample(ctx.images, settings(), sample, False))
-    batch = measure.decoded_batch(ctx, min(rt.BATCH, len(ctx.files)))
+    sample = 8 if ctx.quick else 64
+    save_calibration(calibration, *calibration_sample(ctx.images, ctx.settings(), sample, False))
+    batch = decoded_batch(ctx, min(32, len(ctx.files)))
 
     def files_to_codes(chosen: Any, encoder: Any) -> float:
         """The best of two runs (one under ``--quick``): the first after a build ran slower."""
@@ -348,29 +361,39 @@ def backbones(ctx: Context) -> None:
             rates.append(summary.processed / summary.seconds)
         return max(rates)
 
-    for config in (("tensorflow", "fp32"), ("openvino", "fp32"), ("openvino", "int8")):
-        rates, runtime = {}, rt.label(config)
+    configs = (("tensorflow", "fp32"), ("openvino", "fp32"), ("openvino", "int8"))
+    for runtime, precision in configs[:: 2 if ctx.quick else 1]:  # --quick: no OV fp32
+        rates, what = {}, f"{'TF' if runtime == 'tensorflow' else 'OV'} {precision}"
         for model, more in (("VGG16", {"backbone": "vgg16"}), ("Lite0", LITE)):
-            chosen, encoder, built = rt.build_encoder(
-                config, "spatial", calibration, cache, batch, **more
+            chosen = ctx.settings(
+                **more,
+                runtime=runtime,
+                precision=precision,
+                calibration=str(calibration) if precision == "int8" else None,
+                model_cache=str(cache),
             )
+            start = time.perf_counter()
+            encoder = load_encoder(chosen)
+            built = time.perf_counter() - start
+            encoder.encode(batch)  # warm-up
             rates[model] = files_to_codes(chosen, encoder)
-            notes = [f"built in {built:.1f} s, not timed", rt.compiled_note(encoder)]
-            if config[1] == "int8":
-                notes += [f"quantized on {sample} of these photos", rt.cpu_features()]
+            notes = [f"built in {built:.1f} s, not timed", compiled_note(encoder)]
+            if precision == "int8":
+                notes.append(f"quantized on {sample} of these photos")
             ratio = rates[model] / rates["VGG16"] if model == "Lite0" else None
-            name = f"{runtime} files -> codes, {model} ({len(files)} img)"
+            name = f"{what} files -> codes, {model} ({count} img)"
             note = "; ".join(n for n in notes if n)
-            ctx.add(Row("backbones", name, rates[model], "img/s", ratio, f"VGG16, {runtime}", note))
-        calls = 2 if ctx.quick else 5
-        bare = len(batch) / measure.seconds_per_call(lambda e=encoder: e.encode(batch), calls)
-        name = f"{runtime} bare encode, Lite0, decoded batch of {len(batch)}"
+            ctx.add("backbones", name, rates[model], "img/s", ratio, f"VGG16, {what}", note)
+        bare = len(batch) / seconds_per_call(
+            lambda e=encoder: e.encode(batch), 2 if ctx.quick else 5
+        )
+        name = f"{what} bare encode, Lite0, decoded batch of {len(batch)}"
         note = f"files -> codes reach {rates['Lite0'] / bare:.2f} of it"
-        ctx.add(Row("backbones", name, bare, "img/s", note=note))
+        ctx.add("backbones", name, bare, "img/s", note=note)
         for threads in (1, 4):
             rate = files_to_codes(chosen.replace(decode_threads=threads), encoder)
-            name = f"{runtime} files -> codes, Lite0, {threads} decode thread(s)"
-            ctx.add(Row("backbones", name, rate, "img/s", rate / rates["Lite0"], "2 (the default)"))
+            name = f"{what} files -> codes, Lite0, {threads} decode thread(s)"
+            ctx.add("backbones", name, rate, "img/s", rate / rates["Lite0"], "2 (the default)")
         del encoder
-    rate = measure.decode_rate(ctx, len(files))
-    ctx.add(Row("backbones", "decode + resize to 224, one core, these photos", rate, "img/s"))
+    rate = decode_rate(ctx, count)
+    ctx.add("backbones", "decode + resize to 224, one core, these photos", rate, "img/s")

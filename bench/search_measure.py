@@ -1,299 +1,178 @@
-"""The ``search`` step of ``python -m bench``: the query half's speed and memory.
-
-Groups:
+"""The ``search`` and ``flood`` steps of ``python -m bench``: the query half.
 
 - ``search``: 1,000,000 synthetic pooled codes (63 bytes, like pooled VGG16 at 500 bits)
   written as a real destination, then ``search.Index`` against faiss used directly on the
-  same codes (64-byte padded and 63-byte unpadded) and a numpy popcount scan; the HNSW
-  index (build time, recall@10 against the exact results, speed at two efSearch); and
-  100,000 spatial codes (3,063 bytes) in a flat index.
-- ``serve``: ``imgenc serve`` over the photos encoded with VGG16 (pooled, random weights),
-  queried over HTTP by 1 and by 8 concurrent clients, against one in-process model forward
-  plus one index search; and (the ``flood`` step) a normal query's latency, idle and
-  while clients keep uploading a large lossless PNG (with the heavy lane on, then off),
-  8-client throughput, and ``/healthz`` during the flood (EfficientNet-Lite0, ImageNet).
+  same codes (63 bytes, and padded to 64 as the index stores them); exact (and, outside ``--quick``, HNSW) search of 8-, 16-
+  and 64-byte codes through the index's backend; 100,000 spatial codes (3,063 bytes).
+- ``serve``: ``imgenc serve`` (``tests.helpers.SearchServer``) over the photos encoded with
+  VGG16 (pooled), queried over HTTP by 1 and by 8 concurrent clients, against one
+  in-process model forward plus one index search; and (the ``flood`` step, Lite0 with its
+  ImageNet weights) a normal query's latency idle and while clients keep uploading a large
+  lossless PNG (heavy lane on, then off), 8-client throughput, ``/healthz`` meanwhile.
 
-Every speed is measured in this run, side by side.  ``--quick`` uses 20,000 and 5,000
-codes and the 8 photos.
+Synthetic codes are drawn around random centres: each bit differs from its centre's with
+probability 1/8, so codes of one cluster are about 22% of their bits apart and of
+different clusters about 50%, like real codes rather than uniform noise.  ``--quick`` uses
+20,000 and 5,000 codes and 8 photos.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
-from bench.cluster import REPO, _free_loopback_port, _stop_process_group, _wait_until
-from bench.measure import Context, Row, settings
-from bench.synthetic import (
-    ClusteredCodes,
-    reset_peak_rss,
-    rss_kb,
-    stub_spec,
-    write_destination,
-)
+from bench.core import Context
+from tests.helpers import SearchServer, smooth_png, wait_for
 
 K = 10
-HNSW_EF_SEARCH = (64, 256)
+
+
+class ClusteredCodes:
+    """Packed codes of ``bits`` bits drawn around ``clusters`` random centres."""
+
+    def __init__(self, bits: int, clusters: int, seed: int = 0) -> None:
+        self.bits, self.bytes = bits, (bits + 7) // 8
+        self.rng = np.random.default_rng(seed)
+        self.centres = self._random_bytes(clusters)
+
+    def _random_bytes(self, n: int) -> np.ndarray:
+        return np.frombuffer(self.rng.bytes(n * self.bytes), np.uint8).reshape(n, self.bytes)
+
+    def draw(self, n: int) -> np.ndarray:
+        which = self.rng.integers(0, len(self.centres), n)
+        flips = self._random_bytes(n) & self._random_bytes(n) & self._random_bytes(n)
+        codes = self.centres[which] ^ flips
+        codes[:, -1] &= (0xFF << (self.bytes * 8 - self.bits)) & 0xFF  # spare bits zero
+        return codes
+
+    def batches(self, n: int, chunk: int = 50_000) -> Iterator[np.ndarray]:
+        for start in range(0, n, chunk):
+            yield self.draw(min(chunk, n - start))
+
+
+def write_destination(dest: Any, layout: str, batches: Iterator[np.ndarray]) -> Any:
+    """The codes as ok images of a real destination (the stub backbone's spec: 63-byte
+    pooled, 3,063-byte spatial codes, like VGG16's), as ``imgenc encode`` writes it."""
+    from encoder.images import ImageStatus, LoadResult
+    from encoder.settings import Settings
+    from encoder.spec import spec_for
+    from encoder.storage import open_storage
+    from encoder.writer import ShardWriter, ensure_spec
+
+    spec = spec_for(Settings(backbone="stub", layout=layout, bits=500, weights="random"))
+    storage = open_storage(str(dest))
+    ensure_spec(storage, spec)
+    writer = ShardWriter(storage, spec, "synthetic", shard_size=50_000, flush_seconds=1e9)
+    written = 0
+    for codes in batches:
+        names = [f"synthetic/{written + i:07d}.jpg" for i in range(len(codes))]
+        writer.add(
+            [LoadResult(n, "/" + n, ImageStatus.OK, width=640, height=480) for n in names], codes
+        )
+        written += len(codes)
+    writer.flush()
+    return spec
 
 
 def queries_per_second(search: Callable[[np.ndarray], object], queries: np.ndarray) -> float:
     """Queries per second of ``search`` over the whole batch, after a warm-up on a few."""
-    search(queries[: min(4, len(queries))])
+    search(queries[:4])
     start = time.perf_counter()
     search(queries)
     return len(queries) / (time.perf_counter() - start)
 
 
-def pad(codes: np.ndarray, width: int) -> np.ndarray:
-    padded = np.zeros((codes.shape[0], width), np.uint8)
-    padded[:, : codes.shape[1]] = codes
-    return padded
-
-
-def numpy_scan(codes: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` nearest rows of ``codes`` to each query, by a popcount scan in numpy."""
-    found = np.empty((len(queries), k), np.int64)
-    for i, query in enumerate(queries):
-        distances = np.bitwise_count(query ^ codes).sum(axis=1)
-        found[i] = np.argpartition(distances, k)[:k]
-    return found
-
-
-def recall_at_k(found: list[Any], exact: list[Any], k: int) -> float:
-    """Tie-aware recall@k: a returned id is a hit when its distance is within the exact
-    k-th distance (any of several codes tied there is as good as the one exact search
-    listed)."""
-    hits = [
-        sum(d <= truth.distances[k - 1] for d in got.distances[:k]) / k
-        for got, truth in zip(found, exact, strict=True)
-    ]
-    return float(np.mean(hits))
-
-
-def _mib(kb: float) -> float:
-    return kb / 1024
-
-
-# --- 1M synthetic pooled codes -------------------------------------------------------------
-def pooled_search(ctx: Context) -> None:
+def search(ctx: Context) -> None:
+    """Exact search of pooled codes, code sizes, spatial codes, and ``imgenc serve``."""
     import faiss
 
+    from search.backend import new_backend
     from search.faiss_backend import stored_bytes
     from search.index import Index
 
-    n = 20_000 if ctx.quick else 1_000_000
-    n_queries = 100 if ctx.quick else 1000
-    n_scan = 5 if ctx.quick else 20
-    spec = stub_spec("pooled")
+    n, n_queries = (20_000, 100) if ctx.quick else (1_000_000, 1000)
     generator = ClusteredCodes(bits=500, clusters=max(20, n // 1000), seed=1)
+    kept: list[np.ndarray] = []
     dest = ctx.work / "search-pooled"
-    codes = []
-
-    def keep(batches: Any) -> Any:
-        for batch in batches:
-            codes.append(batch)
-            yield batch
-
-    start = time.perf_counter()
-    write_destination(dest, spec, keep(generator.batches(n)))
-    written = time.perf_counter() - start
-    unpadded = np.concatenate(codes)
-    del codes[:]
-    queries = generator.draw(n_queries)
-    label = f"{n:,} pooled codes"
-
-    before = rss_kb()
-    peak_known = reset_peak_rss()
+    write_destination(dest, "pooled", (kept.append(b) or b for b in generator.batches(n)))
+    queries, label = generator.draw(n_queries), f"{n:,} pooled codes"
     start = time.perf_counter()
     index = Index.open(str(dest), save=False)
     build = time.perf_counter() - start
-    grown = rss_kb() - before
-    peak = rss_kb("VmHWM") - before if peak_known else grown
-    ctx.add(
-        Row(
-            "search",
-            f"Index.open flat, {label} (build)",
-            build,
-            "s",
-            note=f"manifest parts + shards read back; written in {written:.1f} s",
-        ),
-        "search_flat_build",
-    )
-    code_mib = n * stored_bytes(index.code_bytes) / 2**20
-    ctx.add(
-        Row(
-            "search",
-            f"RSS growth, Index.open flat of {label}",
-            _mib(grown),
-            "MiB",
-            _mib(grown) / code_mib,
-            f"the padded codes ({code_mib:.0f} MiB)",
-            note="VmRSS after - before: the ids, a few numbers per image, and the memory "
-            "the parsing of a million manifest rows left to the allocator",
-        )
-    )
-    ctx.add(
-        Row(
-            "search",
-            f"peak RSS growth during Index.open flat of {label}",
-            _mib(peak),
-            "MiB",
-            _mib(peak) / code_mib,
-            f"the padded codes ({code_mib:.0f} MiB)",
-            note="VmHWM reset before the build" if peak_known else "VmHWM reset refused: VmRSS",
-        )
-    )
-
-    # faiss directly on the same codes: 63-byte (generic kernel) and 64-byte padded.
-    padded = pad(unpadded, stored_bytes(index.code_bytes))
-    padded_queries = pad(queries, stored_bytes(index.code_bytes))
-    direct63 = faiss.IndexBinaryFlat(unpadded.shape[1] * 8)
-    direct63.add(unpadded)
-    direct64 = faiss.IndexBinaryFlat(stored_bytes(index.code_bytes) * 8)
-    direct64.add(padded)
-    rate63 = queries_per_second(lambda q, d=direct63: d.search(q, K), queries)
-    del direct63
-    rate64 = queries_per_second(lambda q, d=direct64: d.search(q, K), padded_queries)
-    rate_index = queries_per_second(lambda q, i=index: i.search(q, K), queries)
-    exact = index.search(queries, K)
-    rate_numpy = queries_per_second(lambda q, c=unpadded: numpy_scan(c, q, K), queries[:n_scan])
-    what = f"{n_queries} queries, k={K}, {label}"
-    ctx.add(Row("search", f"faiss IndexBinaryFlat direct, 63-byte codes, {what}", rate63, "q/s"))
-    ctx.add(
-        Row(
-            "search",
-            f"faiss IndexBinaryFlat direct, 64-byte padded codes, {what}",
-            rate64,
-            "q/s",
-            rate64 / rate63,
-            "faiss on the unpadded 63-byte codes",
-            note="64 bytes has a specialised Hamming kernel; 63 the generic one",
-        )
-    )
-    ctx.add(
-        Row(
-            "search",
-            f"Index.search flat, {what}",
-            rate_index,
-            "q/s",
-            rate_index / rate64,
-            "faiss direct on the padded codes",
-            note="ids, tie-breaking by id, results as Python lists",
-        ),
-        "search_flat_qps",
-    )
-    ctx.add(
-        Row(
-            "search",
-            f"numpy popcount scan (bitwise_count + argpartition), {n_scan} queries, {label}",
-            rate_numpy,
-            "q/s",
-            rate_numpy / rate_index,
-            "Index.search flat",
-            note="one query at a time over the 63-byte codes",
-        )
-    )
-    del direct64, padded, unpadded, index
-
-    before = rss_kb()
-    start = time.perf_counter()
-    hnsw = Index.open(str(dest), kind="hnsw", save=False)
-    build = time.perf_counter() - start
-    ctx.add(
-        Row(
-            "search",
-            f"Index.open hnsw (M={hnsw.hnsw_m}), {label} (build)",
-            build,
-            "s",
-            build / ctx.figures["search_flat_build"],
-            "the flat build",
-            note=f"RSS growth {_mib(rss_kb() - before):.0f} MiB",
-        )
-    )
-    for ef in HNSW_EF_SEARCH:
-        hnsw.ef_search = ef
-        rate = queries_per_second(lambda q, h=hnsw: h.search(q, K), queries)
-        recall = recall_at_k(hnsw.search(queries, K), exact, K)
-        ctx.add(
-            Row(
-                "search",
-                f"HNSW recall@{K}, efSearch {ef}, {what}",
-                recall,
-                "share",
-                note="tie-aware: a hit is within the exact 10th distance",
-            )
-        )
-        ctx.add(
-            Row(
-                "search",
-                f"Index.search hnsw, efSearch {ef}, {what}",
-                rate,
-                "q/s",
-                rate / ctx.figures["search_flat_qps"],
-                "Index.search flat",
-            )
-        )
-    del hnsw
-    shutil.rmtree(dest, ignore_errors=True)
-
-
-def spatial_search(ctx: Context) -> None:
-    from search.index import Index
-
-    n = 5_000 if ctx.quick else 100_000
-    n_queries = 20 if ctx.quick else 100
-    spec = stub_spec("spatial")
-    generator = ClusteredCodes(bits=int(np.prod(spec.code_shape)), clusters=max(20, n // 1000))
-    dest = ctx.work / "search-spatial"
-    write_destination(dest, spec, generator.batches(n, chunk=10_000))
-    start = time.perf_counter()
-    index = Index.open(str(dest), save=False)
-    build = time.perf_counter() - start
-    label = f"{n:,} spatial codes ({spec.bytes_per_code:,} B)"
-    ctx.add(Row("search", f"Index.open flat, {label} (build)", build, "s"))
-    queries = generator.draw(n_queries)
+    ctx.add("search", f"Index.open flat, {label} (build)", build, "s")
+    width = stored_bytes(index.code_bytes)
+    padded = np.zeros((n, width), np.uint8)
+    padded[:, : index.code_bytes] = np.concatenate(kept)
+    del kept[:]
+    unpadded = faiss.IndexBinaryFlat(index.code_bytes * 8)  # 63 bytes: the generic kernel
+    unpadded.add(np.ascontiguousarray(padded[:, : index.code_bytes]))
+    rate63 = queries_per_second(lambda q, d=unpadded: d.search(q, K), queries)
+    del unpadded
+    direct = faiss.IndexBinaryFlat(width * 8)
+    direct.add(padded)
+    padded_queries = np.pad(queries, ((0, 0), (0, width - queries.shape[1])))
+    rate_direct = queries_per_second(lambda q, d=direct: d.search(q, K), padded_queries)
     rate = queries_per_second(lambda q, i=index: i.search(q, K), queries)
+    what = f"{n_queries} queries, k={K}, {label}"
+    ctx.add("search", f"faiss IndexBinaryFlat direct, 63-byte codes, {what}", rate63, "q/s")
+    name = f"faiss IndexBinaryFlat direct, {width}-byte padded codes, {what}"
+    note = "64 bytes has a specialised Hamming kernel; 63 the generic one"
+    ctx.add("search", name, rate_direct, "q/s", rate_direct / rate63, "63-byte codes", note)
+    note = "ids, tie-breaking by id, results as Python lists"
+    ratio = rate / rate_direct
+    ctx.add("search", f"Index.search flat, {what}", rate, "q/s", ratio, "faiss direct", note)
+    del direct, padded, index
+
+    # Code sizes: what PCA-ITQ at 64 and 128 bits and 512 bits give, on the index's backend.
+    n, n_queries = (20_000, 200) if ctx.quick else (1_000_000, 1_000)
+    rates: dict[int, float] = {}
+    for bits in (512, 64, 128):
+        generator = ClusteredCodes(bits, clusters=max(10, n // 100), seed=bits)
+        codes, queries, keys = generator.draw(n), generator.draw(n_queries), np.arange(n)
+        flat = new_backend("flat", codes.shape[1])
+        flat.add(keys, codes)
+        rates[bits] = queries_per_second(lambda q, b=flat: b.search(q, K), queries)
+        what = f"{n:,} codes of {bits // 8} bytes, {n_queries} queries, k={K}"
+        ratio = rates[bits] / rates[512] if bits != 512 else None
+        ctx.add("search", f"exact search, {what}", rates[bits], "q/s", ratio, "64-byte codes")
+        if ctx.quick:
+            continue
+        exact = flat.search(queries, K)[0]
+        del flat
+        hnsw, start = new_backend("hnsw", codes.shape[1]), time.perf_counter()
+        hnsw.add(keys, codes)
+        build = time.perf_counter() - start
+        rate = queries_per_second(lambda q, b=hnsw: b.search(q, K), queries)
+        recall = float(np.mean(hnsw.search(queries, K)[0] <= exact[:, K - 1 : K]))
+        note = f"built in {build:.0f} s; recall@{K} {recall:.3f} (tie-aware)"
+        name = f"HNSW search (M 32, efSearch 128), {what}"
+        ctx.add("search", name, rate, "q/s", rate / rates[bits], "exact search, same codes", note)
+        del hnsw
+
+    n, n_queries = (5_000, 20) if ctx.quick else (100_000, 100)
+    dest = ctx.work / "search-spatial"
+    generator = ClusteredCodes(49 * 500, clusters=max(20, n // 1000))
+    spec = write_destination(dest, "spatial", generator.batches(n, chunk=10_000))
+    start = time.perf_counter()
+    index = Index.open(str(dest), save=False)
+    label = f"{n:,} spatial codes ({spec.bytes_per_code:,} B)"
+    ctx.add("search", f"Index.open flat, {label} (build)", time.perf_counter() - start, "s")
+    rate = queries_per_second(lambda q: index.search(q, K), generator.draw(n_queries))
+    note = "faiss's generic Hamming kernel (no specialised one above 64 bytes)"
     ctx.add(
-        Row(
-            "search",
-            f"Index.search flat, {n_queries} queries, k={K}, {label}",
-            rate,
-            "q/s",
-            note="faiss's generic Hamming kernel (no specialised one above 64 bytes)",
-        )
+        "search", f"Index.search flat, {n_queries} queries, k={K}, {label}", rate, "q/s", note=note
     )
-    del index
-    shutil.rmtree(dest, ignore_errors=True)
+    serve_latency(ctx)
 
 
-# --- imgenc serve over HTTP ----------------------------------------------------------------
-def _server_environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGENC_", "AWS_"))}
-    env.update(
-        IMGENC_WEIGHTS="random",
-        IMGENC_BACKBONE="vgg16",
-        TF_CPP_MIN_LOG_LEVEL="3",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
-
-
-def _percentile_ms(latencies: list[float], q: float) -> float:
-    return float(np.percentile(latencies, q)) * 1000
-
-
-def _post_all(base: str, uploads: list[tuple[str, bytes]], latencies: list[float]) -> None:
+def post_all(url: str, uploads: list[tuple[str, bytes]], latencies: list[float]) -> None:
     import httpx
 
-    with httpx.Client(base_url=base, timeout=300) as client:
+    with httpx.Client(base_url=url, timeout=300) as client:
         for name, data in uploads:
             start = time.perf_counter()
             answer = client.post("/search", files={"image": (name, data)}, data={"k": str(K)})
@@ -301,436 +180,212 @@ def _post_all(base: str, uploads: list[tuple[str, bytes]], latencies: list[float
             latencies.append(time.perf_counter() - start)
 
 
-def _health(base: str) -> dict[str, Any]:
-    import httpx
-
-    return httpx.get(base + "/healthz", timeout=30).json()
-
-
-def serve_latency(ctx: Context) -> None:
-    from encoder.folder_run import encode_folder
-    from encoder.images import ImageLoader
-    from encoder.tf_runtime import TensorFlowEncoder as Encoder
-    from search.index import Index
-
-    files = ctx.files[: 8 if ctx.quick else 200]
-    folder = ctx.work / "serve-photos"
-    folder.mkdir()
-    for name in files:
-        shutil.copyfile(ctx.images / name, folder / name)
-    dest = ctx.work / "serve-dest"
-    pooled = settings(layout="pooled")
-    encode_folder(folder, str(dest), pooled, progress=False)
-    uploads = [(name, (folder / name).read_bytes()) for name in files]
-    single_queries = 16 if ctx.quick else 60
-    per_client = 4 if ctx.quick else 25
-    clients = 8
-
-    port = _free_loopback_port()
-    base = f"http://127.0.0.1:{port}"
-    log = ctx.work / "serve.log"
-    command = [sys.executable, "-m", "imgenc", "serve", str(dest), "--port", str(port)]
-    started = time.monotonic()
-    with open(log, "ab") as log_file:
-        process = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=_server_environment(),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-
-        def healthy() -> bool:
-            import httpx
-
-            if process.poll() is not None:
-                text = log.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"imgenc serve exited with {process.returncode}:\n{text}")
-            try:
-                return httpx.get(base + "/healthz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        _wait_until(healthy, 300, "imgenc serve")
-        startup = time.monotonic() - started
-        _post_all(base, uploads[:2], [])  # warm-up
-        single: list[float] = []
-        start = time.perf_counter()
-        _post_all(base, [uploads[i % len(uploads)] for i in range(single_queries)], single)
-        rate1 = single_queries / (time.perf_counter() - start)
-
-        before = _health(base)
-        concurrent: list[float] = []
-        shares = [
-            [uploads[(c * per_client + i) % len(uploads)] for i in range(per_client)]
-            for c in range(clients)
-        ]
-        threads = [
-            threading.Thread(target=_post_all, args=(base, share, concurrent)) for share in shares
-        ]
-        start = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        rate8 = clients * per_client / (time.perf_counter() - start)
-        after = _health(base)
-    finally:
-        _stop_process_group(process, grace_seconds=30)
-    if len(concurrent) != clients * per_client:
-        raise RuntimeError(
-            f"{clients * per_client - len(concurrent)} of the 8-client queries failed"
-        )
-    batches = after["batches"] - before["batches"]
-    per_batch = (after["queries"] - before["queries"]) / max(batches, 1)
-
-    # The reference: one forward of one image and one index search, in this process.
-    encoder = Encoder(pooled)
-    index = Index.open(str(dest), save=False)
-    loader = ImageLoader(folder, encoder.input_size)
-    pixels = loader.load(files[0]).pixels[None]
-    timings = []
-    for _ in range(3 if ctx.quick else 5):
-        index.search(encoder.encode(pixels), K)  # warm-up
-    for _ in range(10 if ctx.quick else 30):
-        start = time.perf_counter()
-        index.search(encoder.encode(pixels), K)
-        timings.append(time.perf_counter() - start)
-    reference_ms = float(np.median(timings)) * 1000
-    del encoder, index
-
-    catalogue = f"{len(files)} photos, VGG16 pooled"
-    ctx.add(
-        Row(
-            "serve",
-            "in process: one VGG16 forward (1 image) + one Index.search, p50",
-            reference_ms,
-            "ms",
-            note="decoded 224x224 pixels in; no HTTP, no decoding",
-        )
-    )
-    ctx.add(
-        Row(
-            "serve",
-            "imgenc serve start-up until /healthz answers",
-            startup,
-            "s",
-            note="index opened, VGG16 built and warmed up",
-        )
-    )
-    p50_single = _percentile_ms(single, 50)
-    ctx.add(
-        Row(
-            "serve",
-            f"POST /search latency p50, 1 client ({catalogue})",
-            p50_single,
-            "ms",
-            p50_single / reference_ms,
-            "one in-process forward + search",
-            note="upload, decode, resize, forward, search, JSON",
-        )
-    )
-    ctx.add(Row("serve", "POST /search latency p95, 1 client", _percentile_ms(single, 95), "ms"))
-    ctx.add(
-        Row("serve", "POST /search latency p50, 8 clients", _percentile_ms(concurrent, 50), "ms")
-    )
-    ctx.add(
-        Row("serve", "POST /search latency p95, 8 clients", _percentile_ms(concurrent, 95), "ms")
-    )
-    ctx.add(Row("serve", f"throughput, 1 client ({single_queries} queries)", rate1, "q/s"))
-    ctx.add(
-        Row(
-            "serve",
-            f"throughput, 8 clients ({clients * per_client} queries)",
-            rate8,
-            "q/s",
-            rate8 / rate1,
-            "1 client",
-            note=f"the clients run on the same {os.cpu_count()} cores as the server",
-        )
-    )
-    ctx.add(
-        Row(
-            "serve",
-            "queries per model batch, 8 clients (micro-batching)",
-            per_batch,
-            "queries",
-            note=f"{batches} batches, from /healthz",
-        )
-    )
-
-
-def code_sizes(ctx: Context) -> None:
-    """Exact (and, without ``--quick``, HNSW) search of 8-, 16- and 64-byte codes (what
-    PCA-ITQ at 64 and 128 bits and 512 bits give) in one run, on the search backend the
-    index uses, over the same number of clustered codes."""
-    from search.backend import new_backend
-
-    n, n_queries = (20_000, 200) if ctx.quick else (1_000_000, 1_000)
-    rates: dict[int, float] = {}
-    for bits in (512, 64, 128):
-        generator = ClusteredCodes(bits, clusters=max(10, n // 100), seed=bits)
-        codes, queries = generator.draw(n), generator.draw(n_queries)
-        keys = np.arange(n, dtype=np.int64)
-        flat = new_backend("flat", codes.shape[1])
-        flat.add(keys, codes)
-        rates[bits] = queries_per_second(lambda q, b=flat: b.search(q, K), queries)
-        what = f"{n:,} codes of {bits // 8} bytes, {n_queries} queries, k={K}"
-        ratio = rates[bits] / rates[512] if bits != 512 else None
-        ctx.add(Row("search", f"exact search, {what}", rates[bits], "q/s", ratio, "64-byte codes"))
-        if ctx.quick:
-            continue
-        exact_distances = flat.search(queries, K)[0]
-        del flat
-        hnsw = new_backend("hnsw", codes.shape[1])
-        start = time.perf_counter()
-        hnsw.add(keys, codes)
-        build = time.perf_counter() - start
-        rate = queries_per_second(lambda q, b=hnsw: b.search(q, K), queries)
-        found = hnsw.search(queries, K)[0]
-        recall = float(np.mean(found <= exact_distances[:, K - 1 : K]))
-        note = f"built in {build:.0f} s; recall@{K} {recall:.3f} (tie-aware)"
-        ctx.add(
-            Row(
-                "search",
-                f"HNSW search (M 32, efSearch 128), {what}",
-                rate,
-                "q/s",
-                rate / rates[bits],
-                "exact search, same codes",
-                note,
-            )
-        )
-        del hnsw
-
-
-def search(ctx: Context) -> None:
-    """The ``search`` and ``serve`` groups (see the module docstring)."""
-    pooled_search(ctx)
-    code_sizes(ctx)
-    spatial_search(ctx)
-    serve_latency(ctx)
-
-
-# --- imgenc serve under a flood of large lossless uploads -------------------------------------
-FLOOD_BACKBONE = {"backbone": "efficientnet_lite0", "weights": "imagenet", "layout": "pooled"}
-
-
-def _start_server(
-    dest: Any, log: Any, env: dict[str, str], *args: str
-) -> tuple[subprocess.Popen, str, float]:
-    """``imgenc serve DEST ARGS`` on a free port: the process, its URL, its start-up seconds."""
-    import httpx
-
-    port = _free_loopback_port()
-    base = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "imgenc", "serve", str(dest), "--port", str(port), *args]
-    started = time.monotonic()
-    with open(log, "ab") as log_file:
-        process = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def healthy() -> bool:
-        if process.poll() is not None:
-            text = log.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"imgenc serve exited with {process.returncode}:\n{text}")
-        try:
-            return httpx.get(base + "/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        _wait_until(healthy, 300, "imgenc serve")
-    except BaseException:
-        _stop_process_group(process, grace_seconds=30)
-        raise
-    return process, base, time.monotonic() - started
-
-
-class Flood:
-    """``clients`` threads uploading ``data`` again and again until ``stop``; a 503 is
-    retried after its ``Retry-After`` (clients that behave, not an attack)."""
-
-    def __init__(self, base: str, data: bytes, clients: int) -> None:
-        self.base, self.data = base, data
-        self.answered = self.refused = self.failed = 0
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [
-            threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)
-        ]
-
-    def __enter__(self) -> Flood:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(300)
-
-    def _client(self, i: int) -> None:
-        import httpx
-
-        with httpx.Client(base_url=self.base, timeout=300) as client:
-            while not self._stop.is_set():
-                try:
-                    answer = client.post(
-                        "/search", files={"image": (f"scan{i}.png", self.data)}, data={"k": "1"}
-                    )
-                except httpx.HTTPError:
-                    with self._lock:
-                        self.failed += 1
-                    continue
-                with self._lock:
-                    if answer.status_code == 503:
-                        self.refused += 1
-                    elif answer.status_code == 200:
-                        self.answered += 1
-                    else:
-                        self.failed += 1
-                if answer.status_code == 503:
-                    self._stop.wait(float(answer.headers.get("retry-after", "1")))
-
-
-def _clients_rate(base: str, uploads: list[tuple[str, bytes]], clients: int, each: int) -> float:
+def clients_rate(url: str, uploads: list, clients: int, each: int, latencies: list) -> float:
     """Queries per second of ``clients`` threads sending ``each`` normal queries."""
-    done: list[float] = []
     shares = [[uploads[(c * each + i) % len(uploads)] for i in range(each)] for c in range(clients)]
-    threads = [threading.Thread(target=_post_all, args=(base, s, done)) for s in shares]
+    threads = [threading.Thread(target=post_all, args=(url, s, latencies)) for s in shares]
     start = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    if len(done) != clients * each:
-        raise RuntimeError(f"{clients * each - len(done)} of the {clients}-client queries failed")
-    return len(done) / (time.perf_counter() - start)
+    if len(latencies) != clients * each:
+        raise RuntimeError(
+            f"{clients * each - len(latencies)} of the {clients}-client queries failed"
+        )
+    return len(latencies) / (time.perf_counter() - start)
 
 
-def serve_flood(ctx: Context) -> None:
-    """A normal photo's query, idle and while clients keep uploading a large PNG (no
-    reduced-scale decode): p50 and p95 latency, 8-client throughput, and ``/healthz``."""
-    from bench.images import smooth_png
+def health(url: str) -> dict[str, Any]:
+    import httpx
+
+    return httpx.get(url + "/healthz", timeout=30).json()
+
+
+def ms(latencies: list[float], q: float) -> float:
+    return float(np.percentile(latencies, q)) * 1000
+
+
+def serving(ctx: Context, name: str, count: int, model: dict[str, str], *args: str):
+    """``count`` photos encoded (pooled) with ``model``, and a started ``imgenc serve`` of
+    them (stop it); returns the server, the photos as uploads, and the start-up seconds."""
     from encoder.folder_run import encode_folder
 
-    side, flooders = (4500, 3) if ctx.quick else (9000, 10)
-    n_queries, per_client, clients = (8, 2, 8) if ctx.quick else (40, 10, 8)
-    files = ctx.files[: 8 if ctx.quick else 100]
-    folder = ctx.work / "flood-photos"
-    folder.mkdir()
-    for name in files:
-        shutil.copyfile(ctx.images / name, folder / name)
-    dest = ctx.work / "flood-dest"
-    encode_folder(folder, str(dest), settings(**FLOOD_BACKBONE), progress=False)
-    uploads = [(name, (folder / name).read_bytes()) for name in files]
-    heavy = smooth_png(side)
-    env = {
-        **_server_environment(),
-        "IMGENC_BACKBONE": FLOOD_BACKBONE["backbone"],
-        "IMGENC_WEIGHTS": FLOOD_BACKBONE["weights"],
-    }
-    process, base, _ = _start_server(dest, ctx.work / "flood.log", env)
-    healthz: list[int] = []
+    folder, dest = ctx.work / f"{name}-photos", ctx.work / f"{name}-dest"
+    if not dest.exists():
+        ctx.copy_photos(count, folder.name)
+        encode_folder(folder, str(dest), ctx.settings(**model, layout="pooled"), progress=False)
+    env = {f"IMGENC_{key.upper()}": value for key, value in model.items()}
+    server = SearchServer(
+        str(dest), ctx.work / f"{name}.log", {"IMGENC_WEIGHTS": ctx.weights, **env}, *args
+    )
+    started = time.monotonic()
     try:
+        server.start()
+        startup = time.monotonic() - started
+        uploads = [(p.name, p.read_bytes()) for p in sorted(folder.iterdir())]
+        post_all(server.url, uploads[:2], [])  # warm-up
+    except BaseException:
+        server.stop()
+        raise
+    return server, uploads, startup
+
+
+def serve_latency(ctx: Context) -> None:
+    from encoder.images import ImageLoader
+    from encoder.tf_runtime import TensorFlowEncoder
+    from search.index import Index
+
+    singles, per_client, files = (16, 4, 8) if ctx.quick else (60, 25, 200)
+    server, uploads, startup = serving(ctx, "serve", files, {"backbone": "vgg16"})
+    try:
+        single: list[float] = []
+        start = time.perf_counter()
+        post_all(server.url, [uploads[i % len(uploads)] for i in range(singles)], single)
+        rate1 = singles / (time.perf_counter() - start)
+        before, concurrent = health(server.url), []
+        rate8 = clients_rate(server.url, uploads, 8, per_client, concurrent)
+        after = health(server.url)
+    finally:
+        server.stop()
+    batches = after["batches"] - before["batches"]
+    per_batch = (after["queries"] - before["queries"]) / max(batches, 1)
+
+    # The reference: one forward of one image and one index search, in this process.
+    encoder = TensorFlowEncoder(ctx.settings(layout="pooled"))
+    index = Index.open(server.dest, save=False)
+    pixels = ImageLoader(ctx.images, encoder.input_size).load(ctx.files[0]).pixels[None]
+    timings = []
+    for _ in range(13 if ctx.quick else 35):
+        start = time.perf_counter()
+        index.search(encoder.encode(pixels), K)
+        timings.append(time.perf_counter() - start)
+    reference = float(np.median(timings[3:])) * 1000
+    name = "in process: one VGG16 forward (1 image) + one Index.search, p50"
+    ctx.add("serve", name, reference, "ms", note="decoded 224x224 pixels in; no HTTP, no decoding")
+    note = "index opened, VGG16 built and warmed up"
+    ctx.add("serve", "imgenc serve start-up until /healthz answers", startup, "s", note=note)
+    name = f"POST /search latency p50, 1 client ({len(uploads)} photos, VGG16 pooled)"
+    ratio, what = ms(single, 50) / reference, "one in-process forward + search"
+    note = "upload, decode, resize, forward, search, JSON"
+    ctx.add("serve", name, ms(single, 50), "ms", ratio, what, note)
+    ctx.add("serve", "POST /search latency p95, 1 client", ms(single, 95), "ms")
+    ctx.add("serve", "POST /search latency p50, 8 clients", ms(concurrent, 50), "ms")
+    ctx.add("serve", "POST /search latency p95, 8 clients", ms(concurrent, 95), "ms")
+    ctx.add("serve", f"throughput, 1 client ({singles} queries)", rate1, "q/s")
+    name = f"throughput, 8 clients ({len(concurrent)} queries)"
+    ctx.add("serve", name, rate8, "q/s", rate8 / rate1, "1 client", "the clients share the cores")
+    note = f"{batches} batches, from /healthz"
+    ctx.add(
+        "serve",
+        "queries per model batch, 8 clients (micro-batching)",
+        per_batch,
+        "queries",
+        note=note,
+    )
+
+
+class Flood:
+    """``clients`` threads uploading ``data`` again and again until the block ends; a 503
+    is retried after its ``Retry-After`` (clients that behave, not an attack)."""
+
+    def __init__(self, url: str, data: bytes, clients: int) -> None:
+        self.url, self.data = url, data
+        self.counts = {"answered": 0, "refused": 0, "failed": 0}
+        self.stop, self.lock = threading.Event(), threading.Lock()
+        self.threads = [threading.Thread(target=self.client, daemon=True) for _ in range(clients)]
+
+    def __enter__(self) -> Flood:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(300)
+
+    def client(self) -> None:
         import httpx
 
-        _post_all(base, [uploads[i % len(uploads)] for i in range(10)], [])  # warm-up
-        idle: list[float] = []
-        _post_all(base, [uploads[i % len(uploads)] for i in range(n_queries)], idle)
-        rate_idle = _clients_rate(base, uploads, clients, per_client)
-        with Flood(base, heavy, flooders) as flood:
-            _wait_until(
-                lambda: _health(base)["heavy_uploads_in_progress"] > 0, 120, "the flood to start"
-            )
-            flooded: list[float] = []
-            for i in range(n_queries):
-                _post_all(base, [uploads[i % len(uploads)]], flooded)
-                healthz.append(httpx.get(base + "/healthz", timeout=30).status_code)
-            rate_flood = _clients_rate(base, uploads, clients, per_client)
-        figures = _health(base)
-    finally:
-        _stop_process_group(process, grace_seconds=30)
+        with httpx.Client(base_url=self.url, timeout=300) as client:
+            while not self.stop.is_set():
+                try:
+                    answer = client.post(
+                        "/search", files={"image": ("scan.png", self.data)}, data={"k": "1"}
+                    )
+                    status = answer.status_code
+                except httpx.HTTPError:
+                    status = 0
+                outcome = {200: "answered", 503: "refused"}.get(status, "failed")
+                with self.lock:
+                    self.counts[outcome] += 1
+                if status == 503:
+                    self.stop.wait(float(answer.headers.get("retry-after", "1")))
 
-    # The same flood with the heavy lane off: every upload light, decoded by the light
-    # threads at normal priority (the lanes alone, as a pool sized to the cores would be).
-    off = ("--heavy-mpx", "1000")
-    process, base, _ = _start_server(dest, ctx.work / "flood-off.log", env, *off)
+    def __str__(self) -> str:
+        return ", ".join(f"{value} {key}" for key, value in self.counts.items())
+
+
+def flood(ctx: Context) -> None:
+    """A normal photo's query, idle and while clients keep uploading a large PNG (no
+    reduced-scale decode): p50 and p95 latency, 8-client throughput, and ``/healthz``."""
+    import httpx
+
+    side, flooders = (4500, 3) if ctx.quick else (9000, 10)
+    n_queries, per_client, n_off = (8, 2, 3) if ctx.quick else (40, 10, 5)
+    lite = {"backbone": "efficientnet_lite0", "weights": "imagenet"}
+    heavy = smooth_png(side)
+    server, uploads, _ = serving(ctx, "flood", 8 if ctx.quick else 100, lite)
     try:
-        _post_all(base, [uploads[i % len(uploads)] for i in range(10)], [])  # warm-up
-        with Flood(base, heavy, flooders) as flood_off:
-            _wait_until(lambda: _health(base)["uploads_in_progress"] > 0, 120, "the flood to start")
-            lane_off: list[float] = []
-            n_off = 3 if ctx.quick else 5  # each waits behind the flood's decodes
-            _post_all(base, [uploads[i % len(uploads)] for i in range(n_off)], lane_off)
+        post_all(server.url, uploads * 2, [])  # warm-up
+        idle, flooded, healthz = [], [], []
+        post_all(server.url, [uploads[i % len(uploads)] for i in range(n_queries)], idle)
+        rate_idle = clients_rate(server.url, uploads, 8, per_client, [])
+        with Flood(server.url, heavy, flooders) as on:
+            wait_for(lambda: health(server.url)["heavy_uploads_in_progress"], 120, "the flood")
+            for i in range(n_queries):
+                post_all(server.url, [uploads[i % len(uploads)]], flooded)
+                healthz.append(httpx.get(server.url + "/healthz", timeout=30).status_code)
+            rate_flood = clients_rate(server.url, uploads, 8, per_client, [])
+        refused = health(server.url)["refused_uploads"]
     finally:
-        _stop_process_group(process, grace_seconds=30)
+        server.stop()
+    # The same flood with the heavy lane off: every upload decoded by the light threads at
+    # normal priority (the lanes alone, as a pool sized to the cores would be).
+    server, _, _ = serving(ctx, "flood", 8 if ctx.quick else 100, lite, "--heavy-mpx", "1000")
+    try:
+        with Flood(server.url, heavy, flooders) as off:
+            wait_for(lambda: health(server.url)["uploads_in_progress"], 120, "the flood")
+            lane_off: list[float] = []  # each query waits behind the flood's decodes
+            post_all(server.url, uploads[:n_off], lane_off)
+    finally:
+        server.stop()
 
-    what = f"{len(files)} photos, EfficientNet-Lite0 pooled, default flags"
+    what = f"{len(uploads)} photos, EfficientNet-Lite0 pooled, default flags"
     png = f"{side}x{side} PNG ({side * side / 1e6:.0f} Mpx, {len(heavy) / 2**20:.1f} MiB)"
-    p50_idle = _percentile_ms(idle, 50)
-    ctx.add(Row("serve", f"flood: normal query p50, idle ({what})", p50_idle, "ms"))
-    ctx.add(Row("serve", "flood: normal query p95, idle", _percentile_ms(idle, 95), "ms"))
+    p50, p95 = ms(idle, 50), ms(idle, 95)
+    ctx.add("serve", f"flood: normal query p50, idle ({what})", p50, "ms")
+    ctx.add("serve", "flood: normal query p95, idle", p95, "ms")
+    name = f"flood: normal query p50 while {flooders} clients upload a {png}"
+    note = f"{n_queries} queries one after another; flood: {on} (refused: 503 + Retry-After)"
     ctx.add(
-        Row(
-            "serve",
-            f"flood: normal query p50 while {flooders} clients upload a {png}",
-            _percentile_ms(flooded, 50),
-            "ms",
-            _percentile_ms(flooded, 50) / p50_idle,
-            "idle p50 (target: at most 3x)",
-            note=f"{n_queries} queries one after another; flood: {flood.answered} answered, "
-            f"{flood.refused} refused with 503 + Retry-After, {flood.failed} failed",
-        )
+        "serve",
+        name,
+        ms(flooded, 50),
+        "ms",
+        ms(flooded, 50) / p50,
+        "idle p50 (target: at most 3x)",
+        note,
     )
-    ctx.add(
-        Row(
-            "serve",
-            "flood: normal query p95 during the flood",
-            _percentile_ms(flooded, 95),
-            "ms",
-            _percentile_ms(flooded, 95) / _percentile_ms(idle, 95),
-            "idle p95",
-        )
-    )
-    ctx.add(
-        Row(
-            "serve",
-            "flood: normal query p50 during the same flood, heavy lane off (--heavy-mpx 1000)",
-            _percentile_ms(lane_off, 50),
-            "ms",
-            _percentile_ms(lane_off, 50) / p50_idle,
-            "idle p50",
-            note=f"{len(lane_off)} queries; every upload decoded by the light threads at "
-            f"normal priority; flood: {flood_off.answered} answered, {flood_off.refused} refused",
-        )
-    )
-    ctx.add(Row("serve", f"flood: throughput, {clients} clients, idle", rate_idle, "q/s"))
-    ctx.add(
-        Row(
-            "serve",
-            f"flood: throughput, {clients} clients, during the flood",
-            rate_flood,
-            "q/s",
-            rate_flood / rate_idle,
-            f"{clients} clients idle",
-        )
-    )
-    ctx.add(
-        Row(
-            "serve",
-            "flood: /healthz answered 200 during the flood",
-            healthz.count(200) / max(len(healthz), 1),
-            "share",
-            note=f"{len(healthz)} calls; refused uploads in all: {figures['refused_uploads']}",
-        )
-    )
+    name = "flood: normal query p95 during the flood"
+    ctx.add("serve", name, ms(flooded, 95), "ms", ms(flooded, 95) / p95, "idle p95")
+    name = "flood: normal query p50 during the same flood, heavy lane off (--heavy-mpx 1000)"
+    note = f"{len(lane_off)} queries; every upload decoded by the light threads; flood: {off}"
+    ctx.add("serve", name, ms(lane_off, 50), "ms", ms(lane_off, 50) / p50, "idle p50", note)
+    ctx.add("serve", "flood: throughput, 8 clients, idle", rate_idle, "q/s")
+    name = "flood: throughput, 8 clients, during the flood"
+    ctx.add("serve", name, rate_flood, "q/s", rate_flood / rate_idle, "8 clients idle")
+    share = healthz.count(200) / len(healthz)
+    note = f"{len(healthz)} calls; refused uploads in all: {refused}"
+    ctx.add("serve", "flood: /healthz answered 200 during the flood", share, "share", note=note)

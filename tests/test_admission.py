@@ -14,8 +14,14 @@ import httpx
 import pytest
 from PIL import Image
 
-from bench.images import smooth_png
-from tests.helpers import CeleryWorker, SearchServer, photo_like, wait_for, worker_env
+from tests.helpers import (
+    CeleryWorker,
+    SearchServer,
+    photo_like,
+    smooth_png,
+    wait_for,
+    worker_env,
+)
 from tests.test_service import encode_examples, server_env, upload
 
 HEAVY_SIDE = 9000  # 81 Mpx: well above the 16-Mpx heavy line, under the 89.5-Mpx bomb one
