@@ -378,6 +378,7 @@ class SeaweedS3:
                     "-s3",
                     f"-s3.port={self.port}",
                     "-s3.port.iceberg=0",  # its catalog server would take the fixed port 8181
+                    "-s3.port.lance=0",  # and its Lance namespace server the fixed port 9101
                     f"-master.port={self.ports['master']}",
                     f"-volume.port={self.ports['volume']}",
                     f"-filer.port={self.ports['filer']}",

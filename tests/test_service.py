@@ -25,6 +25,9 @@ from tests.helpers import (
     worker_env,
 )
 
+# One xdist process runs this module: its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group("service")
+
 EXAMPLES = REPO / "examples" / "images"
 MODEL = {**STUB, "layout": "pooled"}
 
