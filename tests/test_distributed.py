@@ -29,9 +29,6 @@ from tests.helpers import (
     written_rows,
 )
 
-# One xdist process runs this module: its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("distributed")
-
 STUB = {"backbone": "stub", "weights": "random"}
 
 

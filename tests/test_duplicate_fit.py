@@ -25,9 +25,6 @@ from tests.helpers import (
     worker_env,
 )
 
-# One xdist process runs this module: its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("duplicate_fit")
-
 EXAMPLES = sorted((REPO / "examples" / "images").glob("*.jpg"))
 TEST_PHOTOS = sorted((REPO / "tests" / "data" / "photos").glob("*.jpg"))
 LITE0 = ("--backbone", "efficientnet_lite0", "--layout", "pooled")

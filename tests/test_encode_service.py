@@ -14,9 +14,6 @@ import pytest
 
 from tests.helpers import REPO, STUB, CeleryWorker, SearchServer, make_settings, worker_env
 
-# One xdist process runs this module: its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("encode_service")
-
 EXAMPLES = REPO / "examples" / "images"
 MODEL = {**STUB, "layout": "pooled"}
 ENV = {"IMGENC_BACKBONE": "stub", "IMGENC_WEIGHTS": "random"}

@@ -13,9 +13,6 @@ import pytest
 
 from tests.helpers import REPO, CeleryWorker, imgenc, wait_for, worker_env, write_jpegs
 
-# One xdist process runs this module: its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("image_root")
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

@@ -20,9 +20,6 @@ from tests.helpers import (
     write_jpegs,
 )
 
-# One xdist process runs this module: its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("openvino")
-
 pytest.importorskip("openvino", reason="the openvino extra is part of the test extra")
 
 

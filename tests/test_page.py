@@ -14,9 +14,6 @@ from PIL import Image
 
 from tests.helpers import REPO, SearchServer, catalogue_of_photos, encode_and_fit
 
-# One xdist process runs this module: its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("page")
-
 EXAMPLES = REPO / "examples" / "images"
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -28,9 +28,6 @@ from tests.helpers import (
     worker_env,
 )
 
-# One xdist process runs this module: its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("planes")
-
 MODEL = ("--backbone", "efficientnet_lite0", "--layout", "pooled")
 
 

@@ -13,9 +13,6 @@ from search.duplicate_fit import read_threshold
 from tests.helpers import imgenc
 from tests.test_duplicate_fit import LITE0, catalogues  # noqa: F401  (the fixture)
 
-# One xdist process runs this module: its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("rescore")
-
 
 @pytest.fixture(scope="module")
 def encoded_with_features(catalogues, tmp_path_factory):  # noqa: F811

@@ -20,9 +20,6 @@ from encoder.codes import hamming, load_codes
 from search import Index
 from tests.helpers import LITE0, REPO, TEST_PHOTOS, catalogue_of_photos, make_settings
 
-# One xdist process runs this module: its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("search_quality")
-
 EXAMPLES = sorted((REPO / "examples" / "images").glob("*.jpg"))
 
 

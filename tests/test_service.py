@@ -25,9 +25,6 @@ from tests.helpers import (
     worker_env,
 )
 
-# One xdist process runs this module: its module fixtures are built once.
-pytestmark = pytest.mark.xdist_group("service")
-
 EXAMPLES = REPO / "examples" / "images"
 MODEL = {**STUB, "layout": "pooled"}
 
