@@ -64,11 +64,27 @@ def fit_center(
     if encoder is None:
         encoder = load_encoder(settings.replace(center=None))
     mean = FeatureMean()
-    bar = TqdmProgress(sample, progress, desc="fit-center")
+    sample_features(image_dir, encoder, mean, settings, sample, progress, "fit-center")
+    return mean.mean, mean.images
+
+
+def sample_features(
+    image_dir: str | Path,
+    encoder: Any,
+    sink: Any,
+    settings: Settings,
+    sample: int,
+    progress: bool,
+    desc: str,
+) -> None:
+    """The features of the first ``sample`` images of ``image_dir`` into ``sink`` (a
+    ``Runner`` sink with an ``images`` count), with a progress bar; ``ValueError`` when
+    none decodes.  What ``fit-center`` and ``fit-planes`` read their sample with."""
+    bar = TqdmProgress(sample, progress, desc=desc)
     runner = Runner(
         ImageLoader(image_dir, encoder.input_size),
         encoder.features,
-        mean,
+        sink,
         np.zeros((0, encoder.backbone.channels), np.float32),
         settings.batch,
         settings.decode_threads,
@@ -78,6 +94,5 @@ def fit_center(
         runner.run(e.id for e in itertools.islice(scan_images(image_dir), sample))
     finally:
         bar.close()
-    if mean.images == 0:
+    if sink.images == 0:
         raise ValueError(f"no decodable image under {image_dir}")
-    return mean.mean, mean.images

@@ -93,14 +93,9 @@ def fit_planes(
 ) -> FittedPlanes:
     """Fit planes of ``method`` on the features of up to ``sample`` images of
     ``image_dir``, with the model ``settings`` describe (see the module docstring)."""
-    import itertools
-
     from encoder.backbones import get_backbone
-    from encoder.images import ImageLoader
-    from encoder.progress import TqdmProgress
-    from encoder.runner import Runner
+    from encoder.fit_center import sample_features
     from encoder.runtime import load_encoder
-    from encoder.scan import scan_images
     from encoder.spec import weights_identity
 
     if method not in METHODS:
@@ -110,22 +105,9 @@ def fit_planes(
     encoder = encoder or load_encoder(base)
     positions = backbone.positions if settings.layout == "spatial" else 1
     features = FeatureSample(sample * positions)
-    bar = TqdmProgress(sample, progress, desc=f"fit-planes {method}")
-    runner = Runner(
-        ImageLoader(image_dir, encoder.input_size),
-        encoder.features,
-        features,
-        np.zeros((0, backbone.channels), np.float32),
-        settings.batch,
-        settings.decode_threads,
-        bar,
+    sample_features(
+        image_dir, encoder, features, settings, sample, progress, f"fit-planes {method}"
     )
-    try:
-        runner.run(e.id for e in itertools.islice(scan_images(image_dir), sample))
-    finally:
-        bar.close()
-    if features.images == 0:
-        raise ValueError(f"no decodable image under {image_dir}")
     offset, planes = planes_from_features(features.array(), method, settings.bits, settings.seed)
     info = PlanesInfo(
         method=method,

@@ -6,6 +6,7 @@ job really executed and wrote."""
 
 from __future__ import annotations
 
+import csv
 import http.client
 import io
 import os
@@ -658,6 +659,17 @@ class FaultyProxy:
 
 # --- trained weights --------------------------------------------------------------------
 TEST_PHOTOS = REPO / "tests" / "data" / "photos"  # 99 CC0 photos beside the 16 samples
+
+
+def photo_labels() -> dict[str, str]:
+    """File name -> label of the sample photos and the test photos (their labels.csv)."""
+    found = {}
+    for table in (REPO / "examples" / "labels.csv", TEST_PHOTOS / "labels.csv"):
+        with open(table, newline="") as f:
+            found.update((row["image"] + ".jpg", row["label"]) for row in csv.DictReader(f))
+    return found
+
+
 LITE0 = {"backbone": "efficientnet_lite0", "weights": "imagenet", "layout": "pooled"}
 
 

@@ -5,7 +5,6 @@ queries, workers), and clear refusals of planes that do not fit."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import shutil
@@ -18,13 +17,12 @@ from encoder.spec import COMPAT_FIELDS, LATER_FIELDS, spec_for
 from search import Index
 from tests.helpers import (
     LITE0,
-    REPO,
-    TEST_PHOTOS,
     CeleryWorker,
     RedisServer,
     catalogue_of_photos,
     imgenc,
     make_settings,
+    photo_labels,
     worker_env,
 )
 
@@ -46,16 +44,8 @@ def itq32(photos, tmp_path_factory):
     return path
 
 
-def labels() -> dict[str, str]:
-    found = {}
-    for table in (REPO / "examples" / "labels.csv", TEST_PHOTOS / "labels.csv"):
-        with open(table, newline="") as f:
-            found.update((row["image"] + ".jpg", row["label"]) for row in csv.DictReader(f))
-    return found
-
-
 def precision_at_10(dest) -> float:
-    truth, index = labels(), Index.open(str(dest))
+    truth, index = photo_labels(), Index.open(str(dest))
     return float(
         np.mean(
             [np.mean([truth[r] == truth[q] for r in index.similar(q, 10).ids]) for q in index.ids]

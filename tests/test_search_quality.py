@@ -9,7 +9,6 @@ on 115 real labelled photos (the 16 samples and the 99 test photos):
 
 from __future__ import annotations
 
-import csv
 import io
 
 import numpy as np
@@ -18,17 +17,9 @@ from PIL import Image, ImageEnhance
 
 from encoder.codes import hamming, load_codes
 from search import Index
-from tests.helpers import LITE0, REPO, TEST_PHOTOS, catalogue_of_photos, make_settings
+from tests.helpers import LITE0, REPO, catalogue_of_photos, make_settings, photo_labels
 
 EXAMPLES = sorted((REPO / "examples" / "images").glob("*.jpg"))
-
-
-def labels() -> dict[str, str]:
-    found = {}
-    for table in (REPO / "examples" / "labels.csv", TEST_PHOTOS / "labels.csv"):
-        with open(table, newline="") as f:
-            found.update((row["image"] + ".jpg", row["label"]) for row in csv.DictReader(f))
-    return found
 
 
 def _jpeg(image: Image.Image, quality: int = 90) -> bytes:
@@ -91,7 +82,7 @@ def test_codes_rank_similar_items_nearly_as_well_as_the_float_features(
     from encoder.fit_center import fit_center
     from encoder.folder_run import encode_folder
 
-    truth = labels()
+    truth = photo_labels()
     ids, features = pooled_features
     unit = features / np.linalg.norm(features, axis=1, keepdims=True)
     cosine = unit @ unit.T
