@@ -7,6 +7,7 @@ rotation (``faiss.ITQTransform``).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from encoder.fitted_planes import METHODS, MIN_VECTORS_PER_BIT, FittedPlanes, PlanesInfo
+from encoder.scan import scan_images
 
 
 class FeatureSample:
@@ -42,6 +44,22 @@ class FeatureSample:
         return np.concatenate(self.parts) if self.parts else np.zeros((0, 0), np.float32)
 
 
+def refuse_impossible_itq(bits: int, channels: int, vectors: int, source: str) -> None:
+    """``ValueError`` when ITQ cannot give ``bits`` bits from ``vectors`` feature vectors of
+    ``channels`` dimensions (``source`` says where the count comes from)."""
+    if bits > channels:
+        raise ValueError(
+            f"ITQ gives at most as many bits as the features have dimensions: {channels} "
+            f"here, not {bits}"
+        )
+    needed = MIN_VECTORS_PER_BIT * bits
+    if vectors < needed:
+        raise ValueError(
+            f"ITQ with {bits} bits needs at least {needed} feature vectors "
+            f"({MIN_VECTORS_PER_BIT} per bit); {source} {vectors}"
+        )
+
+
 def planes_from_features(
     features: np.ndarray, method: str, bits: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -55,17 +73,7 @@ def planes_from_features(
         if n == 0:
             raise ValueError("no feature vector to average")
         return offset, np.array(hyperplanes(channels, bits, seed))
-    if bits > channels:
-        raise ValueError(
-            f"ITQ gives at most as many bits as the features have dimensions: {channels} "
-            f"here, not {bits}"
-        )
-    needed = MIN_VECTORS_PER_BIT * bits
-    if n < needed:
-        raise ValueError(
-            f"ITQ with {bits} bits needs at least {needed} feature vectors "
-            f"({MIN_VECTORS_PER_BIT} per bit); the sample gave {n}"
-        )
+    refuse_impossible_itq(bits, channels, n, "the sample gave")
     import logging
 
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader reports every import
@@ -101,9 +109,15 @@ def fit_planes(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     backbone = get_backbone(settings.backbone)
+    positions = backbone.positions if settings.layout == "spatial" else 1
+    if method == "itq":  # refused before the model loads and the sample is encoded
+        offered = sum(1 for _ in itertools.islice(scan_images(image_dir), sample))
+        refuse_impossible_itq(
+            settings.bits, backbone.channels, offered * positions,
+            f"{offered} images under {image_dir} offer at most",
+        )  # fmt: skip
     base = settings.replace(center=None, planes=None)
     encoder = encoder or load_encoder(base)
-    positions = backbone.positions if settings.layout == "spatial" else 1
     features = FeatureSample(sample * positions)
     sample_features(
         image_dir, encoder, features, settings, sample, progress, f"fit-planes {method}"

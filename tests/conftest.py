@@ -16,6 +16,15 @@ if str(REPO) not in sys.path:
 
 from tests.helpers import RedisServer, write_jpegs  # noqa: E402
 
+# The suite runs four test processes (pytest-xdist), each starting more processes that load
+# TensorFlow, on as few as two cores.  With TensorFlow's default thread pools (one thread
+# per core, per process) the processes wait on each other's threads: four `imgenc encode`
+# runs side by side on two cores took 75 s each, against 25 s with one thread each, for the
+# same CPU time and the same codes bit for bit.  So every TensorFlow process the tests
+# start, in this process or below it, uses one intra-op and one inter-op thread.
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+
 
 @pytest.fixture
 def redis_server(tmp_path: Path):

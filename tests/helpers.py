@@ -1,12 +1,13 @@
 """Everything the tests share: images made on the spot, ``imgenc`` run as a user runs it,
 cached random-weight encoders, real services started and killed by the tests themselves
 (a ``redis-server`` on a free loopback port with a password, ``celery -A worker worker``
-subprocesses, a SeaweedFS S3 server), a fault-injecting S3 proxy, and the audit of what a
-job really executed and wrote."""
+subprocesses, a SeaweedFS S3 server), a fault-injecting S3 proxy, the audit of what a
+job really executed and wrote, and costly folders built once per test session."""
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import http.client
 import io
 import os
@@ -22,6 +23,7 @@ import threading
 import time
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from contextlib import closing, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -655,6 +657,25 @@ class FaultyProxy:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# --- built once per session ---------------------------------------------------------------
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder ``build(folder)`` makes, built once per pytest session and shared by all
+    of pytest-xdist's worker processes: the first to ask builds it under a file lock, the
+    others wait for it and then read it.  Whoever changes it must work on a copy."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, above each worker's own
+    folder = base / f"built-once-{name}"
+    with open(base / f"built-once-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
 
 
 # --- trained weights --------------------------------------------------------------------

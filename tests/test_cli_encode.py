@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -172,6 +173,8 @@ def test_ctrl_c_leaves_only_whole_shards_in_the_manifest_and_resume_finishes(tmp
             str(images),
             "--out",
             str(out),
+            "--backbone",
+            "stub",
             "--weights",
             "random",
             "--batch",
@@ -181,6 +184,7 @@ def test_ctrl_c_leaves_only_whole_shards_in_the_manifest_and_resume_finishes(tmp
             "--no-progress",
         ],
         cwd=REPO,
+        env={**os.environ, "IMGENC_STUB_DELAY": "0.1"},  # a model's pace: 0.1 s per image
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -202,6 +206,8 @@ def test_ctrl_c_leaves_only_whole_shards_in_the_manifest_and_resume_finishes(tmp
         str(images),
         "--out",
         str(out),
+        "--backbone",
+        "stub",
         "--weights",
         "random",
         "--batch",

@@ -7,30 +7,43 @@ to ``test-artifacts/``."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 from PIL import Image
 
-from tests.helpers import REPO, SearchServer, catalogue_of_photos, encode_and_fit
+from tests.helpers import (
+    REPO,
+    SearchServer,
+    built_once,
+    catalogue_of_photos,
+    encode_and_fit,
+)
 
 EXAMPLES = REPO / "examples" / "images"
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    # The sample and test photos with the trained backbone, and the near-duplicate
-    # threshold fitted on them, as `imgenc encode` leaves a destination.
-    tmp = tmp_path_factory.mktemp("page")
-    folder = catalogue_of_photos(tmp / "catalogue")
+def encoded_catalogue(root: Path) -> None:
+    """The sample and test photos and a recompressed copy of one, encoded with the
+    trained backbone and the near-duplicate threshold fitted, as `imgenc encode` leaves a
+    destination."""
+    folder = catalogue_of_photos(root / "catalogue")
     original = sorted(p for p in EXAMPLES.iterdir())[0]
     Image.open(original).save(folder / "recompressed-copy.jpg", quality=60)
+    encode_and_fit(folder, root / "codes")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    built = built_once(tmp_path_factory, "page-catalogue", encoded_catalogue)
+    tmp = tmp_path_factory.mktemp("page")
     dest = tmp / "codes"
-    encode_and_fit(folder, dest)
+    shutil.copytree(built / "codes", dest)  # this server's own destination
     server = SearchServer(str(dest), tmp / "serve.log", {}).start()
-    yield folder, server
+    yield built / "catalogue", server
     server.stop()
 
 
