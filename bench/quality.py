@@ -25,7 +25,7 @@ that backbone costs against VGG16.
 3. ``backbones``: files -> codes (``encode_folder``, spatial, batch 32, up to 256 photos,
    best of two runs) for VGG16 (random weights: speed does not depend on them) and Lite0
    side by side on TF fp32, OV fp32 (not under ``--quick``) and OV int8 (quantized from 64
-   of the photos), every encoder built and warmed up first; for Lite0, the bare encode of
+   of the photos; Lite0 alone under ``--quick``), every encoder built and warmed up first; for Lite0, the bare encode of
    a decoded batch, 1 and 4 decode threads (2 is the default), and decoding + resizing on
    one core.
 """
@@ -364,7 +364,8 @@ def backbones(ctx: Context) -> None:
     configs = (("tensorflow", "fp32"), ("openvino", "fp32"), ("openvino", "int8"))
     for runtime, precision in configs[:: 2 if ctx.quick else 1]:  # --quick: no OV fp32
         rates, what = {}, f"{'TF' if runtime == 'tensorflow' else 'OV'} {precision}"
-        for model, more in (("VGG16", {"backbone": "vgg16"}), ("Lite0", LITE)):
+        models = (("VGG16", {"backbone": "vgg16"}), ("Lite0", LITE))
+        for model, more in models[1:] if ctx.quick and precision == "int8" else models:
             chosen = ctx.settings(
                 **more,
                 runtime=runtime,
@@ -380,7 +381,7 @@ def backbones(ctx: Context) -> None:
             notes = [f"built in {built:.1f} s, not timed", compiled_note(encoder)]
             if precision == "int8":
                 notes.append(f"quantized on {sample} of these photos")
-            ratio = rates[model] / rates["VGG16"] if model == "Lite0" else None
+            ratio = rates[model] / rates["VGG16"] if model == "Lite0" and "VGG16" in rates else None
             name = f"{what} files -> codes, {model} ({count} img)"
             note = "; ".join(n for n in notes if n)
             ctx.add("backbones", name, rates[model], "img/s", ratio, f"VGG16, {what}", note)

@@ -19,6 +19,7 @@ from tests.helpers import (
     LITE0,
     CeleryWorker,
     RedisServer,
+    built_once,
     catalogue_of_photos,
     imgenc,
     make_settings,
@@ -34,14 +35,19 @@ def photos(tmp_path_factory):
     return catalogue_of_photos(tmp_path_factory.mktemp("planes") / "photos")
 
 
-@pytest.fixture(scope="module")
-def itq32(photos, tmp_path_factory):
-    path = tmp_path_factory.mktemp("fitted") / "itq32.npz"
-    run = imgenc("fit-planes", str(photos), "--out", str(path), *MODEL, "--bits", "32",
-                 "--no-progress")  # fmt: skip
+def fit_itq32(folder) -> None:
+    """``folder/itq32.npz``: 32 ITQ planes fitted on the catalogue's photos."""
+    photos = catalogue_of_photos(folder / "photos")
+    run = imgenc("fit-planes", str(photos), "--out", str(folder / "itq32.npz"), *MODEL,
+                 "--bits", "32", "--no-progress")  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     assert "itq planes, 32 bits (4 bytes per image)" in run.stdout
-    return path
+
+
+@pytest.fixture(scope="module")
+def itq32(tmp_path_factory):
+    """Fitted once per session, shared by every test process (read only)."""
+    return built_once(tmp_path_factory, "itq32", fit_itq32) / "itq32.npz"
 
 
 def precision_at_10(dest) -> float:
