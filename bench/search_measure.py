@@ -236,7 +236,7 @@ def serve_latency(ctx: Context) -> None:
     from encoder.tf_runtime import TensorFlowEncoder
     from search.index import Index
 
-    singles, per_client, files = (16, 4, 8) if ctx.quick else (60, 25, 200)
+    singles, per_client, files = (8, 2, 8) if ctx.quick else (60, 25, 200)
     server, uploads, startup = serving(ctx, "serve", files, {"backbone": "vgg16"})
     try:
         single: list[float] = []
@@ -256,7 +256,7 @@ def serve_latency(ctx: Context) -> None:
     index = Index.open(server.dest, save=False)
     pixels = ImageLoader(ctx.images, encoder.input_size).load(ctx.files[0]).pixels[None]
     timings = []
-    for _ in range(13 if ctx.quick else 35):
+    for _ in range(8 if ctx.quick else 35):
         start = time.perf_counter()
         index.search(encoder.encode(pixels), K)
         timings.append(time.perf_counter() - start)

@@ -7,43 +7,29 @@ to ``test-artifacts/``."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from PIL import Image
 
-from tests.helpers import (
-    REPO,
-    SearchServer,
-    built_once,
-    catalogue_of_photos,
-    encode_and_fit,
-)
+from tests.helpers import REPO, SearchServer, built_once
+from tests.test_duplicate_fit import encode_catalogues
 
 EXAMPLES = REPO / "examples" / "images"
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def encoded_catalogue(root: Path) -> None:
-    """The sample and test photos and a recompressed copy of one, encoded with the
-    trained backbone and the near-duplicate threshold fitted, as `imgenc encode` leaves a
-    destination."""
-    folder = catalogue_of_photos(root / "catalogue")
-    original = sorted(p for p in EXAMPLES.iterdir())[0]
-    Image.open(original).save(folder / "recompressed-copy.jpg", quality=60)
-    encode_and_fit(folder, root / "codes")
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    built = built_once(tmp_path_factory, "page-catalogue", encoded_catalogue)
+    # The sample and test photos with copies of 8 sample photos among them, encoded with the
+    # trained backbone and the near-duplicate threshold fitted, as `imgenc encode` leaves a
+    # destination: the catalogue the near-duplicate tests build, shared with them.
+    built = built_once(tmp_path_factory, "dedup-catalogues", encode_catalogues)
     tmp = tmp_path_factory.mktemp("page")
     dest = tmp / "codes"
-    shutil.copytree(built / "codes", dest)  # this server's own destination
+    shutil.copytree(built / "codes" / "with-copies", dest)  # this server's own destination
     server = SearchServer(str(dest), tmp / "serve.log", {}).start()
-    yield built / "catalogue", server
+    yield built / "with-copies", server
     server.stop()
 
 
@@ -79,7 +65,7 @@ def test_uploading_a_photo_shows_it_first_at_distance_zero_and_a_click_shows_its
     site, browser
 ):
     folder, server = site
-    photo = sorted(p for p in folder.iterdir() if p.name != "recompressed-copy.jpg")[4]
+    photo = sorted(p for p in folder.iterdir() if not p.name.startswith("copy-"))[4]
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(server.url + "/")
     page.set_input_files("#file", str(photo))
@@ -120,7 +106,7 @@ def test_a_shared_link_opens_an_images_neighbours_directly(site, browser):
     page.close()
 
 
-def test_the_duplicates_view_groups_the_recompressed_copy_with_its_original(site, browser):
+def test_the_duplicates_view_groups_a_recompressed_copy_with_its_original(site, browser):
     folder, server = site
     original = sorted(p.name for p in EXAMPLES.iterdir())[0]
     page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -130,7 +116,7 @@ def test_the_duplicates_view_groups_the_recompressed_copy_with_its_original(site
     groups = page.eval_on_selector_all(
         "#groups .group", "gs => gs.map(g => [...g.querySelectorAll('li')].map(l => l.dataset.id))"
     )
-    assert any({original, "recompressed-copy.jpg"} <= set(g) for g in groups)
+    assert any({original, f"copy-jpeg-{original}"} <= set(g) for g in groups)  # quality 35
     summary = page.locator("#dup-summary").inner_text()
     assert "files could go" in summary and "Threshold fitted on this catalogue" in summary
     page.screenshot(path=str(ARTIFACTS / "duplicates.png"), full_page=True)
