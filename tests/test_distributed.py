@@ -416,7 +416,12 @@ def test_killed_worker_process_gets_its_chunk_redelivered_and_nothing_is_lost(
             layout="pooled",
             weights="random",
         )
-        wait_for(lambda: "Task imgenc.encode_chunk" in w.text(), 60, "a chunk to start")
+        from jobs.registry import JobRegistry
+
+        # Killed once its try is counted (a try killed before that is not a rerun).
+        attempts = f"imgenc:job:{job.id}:attempts"
+        registry = JobRegistry.from_url(redis_server.url)
+        wait_for(lambda: registry.r.hlen(attempts) >= 1, 120, "a chunk to start")
         children = w.child_pids()
         assert len(children) == 1
         os.kill(children[0], signal.SIGKILL)
