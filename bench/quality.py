@@ -25,9 +25,9 @@ that backbone costs against VGG16.
 3. ``backbones``: files -> codes (``encode_folder``, spatial, batch 32, up to 256 photos,
    best of two runs) for VGG16 (random weights: speed does not depend on them) and Lite0
    side by side on TF fp32, OV fp32 (not under ``--quick``) and OV int8 (quantized from 64
-   of the photos; Lite0 alone under ``--quick``), every encoder built and warmed up first; for Lite0, the bare encode of
-   a decoded batch, 1 and 4 decode threads (2 is the default), and decoding + resizing on
-   one core.
+   of the photos; Lite0 alone under ``--quick``), every encoder built and warmed up first;
+   for Lite0, the bare encode of a decoded batch, 1 and 4 decode threads (2 is the
+   default), and decoding + resizing on one core.
 """
 
 from __future__ import annotations

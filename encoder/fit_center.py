@@ -64,8 +64,14 @@ def fit_center(
     if encoder is None:
         encoder = load_encoder(settings.replace(center=None))
     mean = FeatureMean()
-    sample_features(image_dir, encoder, mean, settings, sample, progress, "fit-center")
+    ids = sample_ids(image_dir, sample)
+    sample_features(image_dir, encoder, mean, settings, ids, progress, "fit-center")
     return mean.mean, mean.images
+
+
+def sample_ids(image_dir: str | Path, sample: int) -> list[str]:
+    """The ids of the first ``sample`` images found under ``image_dir``: the sample."""
+    return [entry.id for entry in itertools.islice(scan_images(image_dir), sample)]
 
 
 def sample_features(
@@ -73,14 +79,14 @@ def sample_features(
     encoder: Any,
     sink: Any,
     settings: Settings,
-    sample: int,
+    ids: list[str],
     progress: bool,
     desc: str,
 ) -> None:
-    """The features of the first ``sample`` images of ``image_dir`` into ``sink`` (a
-    ``Runner`` sink with an ``images`` count), with a progress bar; ``ValueError`` when
-    none decodes.  What ``fit-center`` and ``fit-planes`` read their sample with."""
-    bar = TqdmProgress(sample, progress, desc=desc)
+    """The features of the images ``ids`` of ``image_dir`` into ``sink`` (a ``Runner``
+    sink with an ``images`` count), with a progress bar; ``ValueError`` when none
+    decodes.  What ``fit-center`` and ``fit-planes`` read their sample with."""
+    bar = TqdmProgress(len(ids), progress, desc=desc)
     runner = Runner(
         ImageLoader(image_dir, encoder.input_size),
         encoder.features,
@@ -91,7 +97,7 @@ def sample_features(
         bar,
     )
     try:
-        runner.run(e.id for e in itertools.islice(scan_images(image_dir), sample))
+        runner.run(ids)
     finally:
         bar.close()
     if sink.images == 0:

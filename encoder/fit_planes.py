@@ -7,7 +7,6 @@ rotation (``faiss.ITQTransform``).
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from encoder.fitted_planes import METHODS, MIN_VECTORS_PER_BIT, FittedPlanes, PlanesInfo
-from encoder.scan import scan_images
 
 
 class FeatureSample:
@@ -102,7 +100,7 @@ def fit_planes(
     """Fit planes of ``method`` on the features of up to ``sample`` images of
     ``image_dir``, with the model ``settings`` describe (see the module docstring)."""
     from encoder.backbones import get_backbone
-    from encoder.fit_center import sample_features
+    from encoder.fit_center import sample_features, sample_ids
     from encoder.runtime import load_encoder
     from encoder.spec import weights_identity
 
@@ -110,18 +108,16 @@ def fit_planes(
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     backbone = get_backbone(settings.backbone)
     positions = backbone.positions if settings.layout == "spatial" else 1
+    ids = sample_ids(image_dir, sample)
     if method == "itq":  # refused before the model loads and the sample is encoded
-        offered = sum(1 for _ in itertools.islice(scan_images(image_dir), sample))
         refuse_impossible_itq(
-            settings.bits, backbone.channels, offered * positions,
-            f"{offered} images under {image_dir} offer at most",
+            settings.bits, backbone.channels, len(ids) * positions,
+            f"{len(ids)} images under {image_dir} offer at most",
         )  # fmt: skip
     base = settings.replace(center=None, planes=None)
     encoder = encoder or load_encoder(base)
-    features = FeatureSample(sample * positions)
-    sample_features(
-        image_dir, encoder, features, settings, sample, progress, f"fit-planes {method}"
-    )
+    features = FeatureSample(len(ids) * positions)
+    sample_features(image_dir, encoder, features, settings, ids, progress, f"fit-planes {method}")
     offset, planes = planes_from_features(features.array(), method, settings.bits, settings.seed)
     info = PlanesInfo(
         method=method,
