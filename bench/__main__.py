@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import signal
 import sys
@@ -58,6 +59,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of the processes it has waited for."""
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def interrupted(signum: int, _frame: object) -> None:
     """SIGTERM (and SIGINT) unwind like Ctrl-C, once: every step stops what it started."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -90,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         start = time.monotonic()
         for step in (step for step in STEPS if step in chosen):
             print(f"[{step}]", flush=True)
-            began = time.monotonic()
+            began, cpu = time.monotonic(), cpu_seconds()
             STEPS[step](ctx)
-            print(f"  ({time.monotonic() - began:.0f} s)")
+            print(f"  ({time.monotonic() - began:.0f} s, {cpu_seconds() - cpu:.0f} CPU-s)")
         elapsed = time.monotonic() - start
         table = {
             "machine": about,

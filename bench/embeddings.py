@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from bench.core import Context
-from bench.quality import LITE, labels, make_catalogue, truth
+from bench.quality import LITE, fitted, labels, make_catalogue, truth
 
 FOLDS = 5
 
@@ -95,7 +95,7 @@ def rescoring(ctx: Context, index: Any, fit: Any, made: dict) -> None:
 def embeddings(ctx: Context) -> None:
     from encoder.folder_run import encode_folder
     from encoder.runtime import load_encoder
-    from search.duplicate_fit import TooFewImages, fit_destination
+    from search.duplicate_fit import TooFewImages
     from search.index import Index
 
     chosen = ctx.settings(**LITE, layout="pooled")
@@ -106,8 +106,7 @@ def embeddings(ctx: Context) -> None:
     classifiers(ctx, dest)
     index = Index.open(str(dest), save=False)
     try:
-        kinds = chosen.dedup_kinds.split(",")
-        fit = fit_destination(index, encoder, kinds, chosen.dedup_false_pairs, progress=False)
+        fit = fitted(ctx, index, encoder, chosen)
     except TooFewImages as exc:
         print(f"  (no near-duplicate figures: {exc})")
     else:

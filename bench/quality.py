@@ -234,17 +234,12 @@ def truth(
 
 
 def fitted(ctx: Context, index: Any, encoder: Any, chosen: Any) -> Any:
-    """``fit_destination``; under ``--quick``, the same fit from 16 copied images, not 100."""
-    from search import duplicate_fit as fitting
-    from search.catalogue import CatalogueImages
+    """``fit_destination``; under ``--quick``, from copies of 16 images, not 100."""
+    from search.duplicate_fit import COPIES_SAMPLE, fit_destination
 
     kinds, target = chosen.dedup_kinds.split(","), chosen.dedup_false_pairs
-    if not ctx.quick:
-        return fitting.fit_destination(index, encoder, kinds, target, progress=False)
-    images = CatalogueImages(index, None, encoder.input_size)
-    fit = fitting.fit_threshold(index, images, encoder.encode, kinds, target, copies_sample=16)
-    fitting.save_threshold(index.storage, fit)
-    return fit
+    sample = 16 if ctx.quick else COPIES_SAMPLE
+    return fit_destination(index, encoder, kinds, target, progress=False, copies_sample=sample)
 
 
 def near_duplicates(ctx: Context, encoder: Any, clean_index: Any, catalogue: Path, made: dict):

@@ -355,17 +355,18 @@ def fit_destination(
     target: float = DEFAULT_TARGET,
     image_root: str | None = None,
     progress: bool = True,
+    copies_sample: int = COPIES_SAMPLE,
 ) -> DuplicateThreshold:
     """Fit ``index``'s destination with ``encoder`` (its model: ``encode`` and
     ``input_size``), reading its images where the manifest says they are (or under
-    ``image_root``), and store the result there."""
+    ``image_root``), and store the result there.  ``copies_sample``: originals copied."""
     from tqdm import tqdm
 
     images = CatalogueImages(index, image_root, encoder.input_size)
     stored = stored_features(index)
     encode = feature_mapper(encoder)[0] if stored is not None else encoder.encode
     bar = tqdm(
-        total=min(COPIES_SAMPLE, len(index)),
+        total=min(copies_sample, len(index)),
         desc="fit-dedup",
         unit="img",
         disable=not progress,
@@ -373,8 +374,9 @@ def fit_destination(
     )
     try:
         fit = fit_threshold(
-            index, images, encode, kinds, target, progress=bar.update, features=stored
-        )
+            index, images, encode, kinds, target, copies_sample, progress=bar.update,
+            features=stored,
+        )  # fmt: skip
     finally:
         bar.close()
     save_threshold(index.storage, fit)

@@ -160,9 +160,14 @@ def test_destination_with_another_spec_is_refused(jpeg_dir, tmp_path):
     assert "different code spec" in run.stderr and "n_bits" in run.stderr
 
 
+CTRL_C_IMAGES = 200
+
+
 def test_ctrl_c_leaves_only_whole_shards_in_the_manifest_and_resume_finishes(tmp_path):
+    """The run is interrupted once 2 shards are written; at a model's pace of 0.1 s per
+    image the rest would take 20 s, so a slow machine cannot finish it first."""
     images = tmp_path / "many"
-    write_jpegs(images, 60)
+    write_jpegs(images, CTRL_C_IMAGES)
     out = tmp_path / "o"
     proc = subprocess.Popen(
         [
@@ -196,7 +201,7 @@ def test_ctrl_c_leaves_only_whole_shards_in_the_manifest_and_resume_finishes(tmp
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     manifest = pd.read_csv(out / "manifest.csv")
-    assert 0 < len(manifest) < 60
+    assert 0 < len(manifest) < CTRL_C_IMAGES
     ids, codes = load_codes(out)  # every row named in the manifest has its code on disk
     assert len(ids) == len(manifest)
     assert not list(out.rglob("*.tmp"))
@@ -217,9 +222,9 @@ def test_ctrl_c_leaves_only_whole_shards_in_the_manifest_and_resume_finishes(tmp
     )
     assert run.returncode == 0, run.stderr
     manifest = pd.read_csv(out / "manifest.csv")
-    assert len(manifest) == 60 and (manifest.status == "ok").all()
+    assert len(manifest) == CTRL_C_IMAGES and (manifest.status == "ok").all()
     written = written_rows(str(out))  # the interrupted run's rows, then the rest: none twice
-    assert sum(written.values()) == 60 and set(written.values()) == {1}
+    assert sum(written.values()) == CTRL_C_IMAGES and set(written.values()) == {1}
 
 
 def test_show_draws_the_image_beside_its_bit_matrix(jpeg_dir, tmp_path):
