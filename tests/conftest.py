@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -54,10 +55,26 @@ def reliability():
 FIGURES_DIR = "IMGENC_TEST_RELIABILITY_DIR"
 
 
+MODEL_CACHE = "IMGENC_MODEL_CACHE"
+_MADE: list[str] = []  # folders this session made, removed at its end
+
+
 def pytest_configure(config):
-    """The controlling process makes a folder where xdist workers leave their figures."""
-    if not hasattr(config, "workerinput") and FIGURES_DIR not in os.environ:
-        os.environ[FIGURES_DIR] = tempfile.mkdtemp(prefix="imgenc-reliability-")
+    """The controlling process makes a folder where xdist workers leave their figures, and
+    one where every test process keeps the OpenVINO models it converts: a conversion is
+    shared within the session (its cache key covers everything that decides the model),
+    and nothing is written under the user's home."""
+    if hasattr(config, "workerinput"):
+        return
+    for name, prefix in ((FIGURES_DIR, "imgenc-reliability-"), (MODEL_CACHE, "imgenc-models-")):
+        if name not in os.environ:
+            os.environ[name] = tempfile.mkdtemp(prefix=prefix)
+            _MADE.append(os.environ[name])
+
+
+def pytest_unconfigure(config):
+    for folder in _MADE:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def pytest_sessionfinish(session, exitstatus):

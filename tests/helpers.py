@@ -86,11 +86,24 @@ def smooth_png(side: int) -> bytes:
 
 
 # --- imgenc and encoders -------------------------------------------------------------------
+MODEL_CACHE = "IMGENC_MODEL_CACHE"  # the session's OpenVINO model cache (tests/conftest.py)
+
+
+def without_imgenc_settings(*prefixes: str) -> dict[str, str]:
+    """This process's environment less every ``IMGENC_*`` variable (and ``prefixes``), but
+    the session's model cache: where converted models are kept changes no result."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGENC_", *prefixes))}
+    if MODEL_CACHE in os.environ:
+        env[MODEL_CACHE] = os.environ[MODEL_CACHE]
+    return env
+
+
 def imgenc(
     *args: str, env: dict | None = None, cwd: Path = REPO, **kwargs
 ) -> subprocess.CompletedProcess:
-    """``imgenc ARGS`` in a subprocess, with no ``IMGENC_*`` variable but those in ``env``."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("IMGENC_")}
+    """``imgenc ARGS`` in a subprocess, with no ``IMGENC_*`` variable but those in ``env``
+    (and the session's model cache)."""
+    full_env = without_imgenc_settings()
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "imgenc", *args],
@@ -118,10 +131,12 @@ def get_encoder(**overrides):
 
 
 def make_settings(**overrides):
-    """Settings from the defaults and ``overrides`` only (no environment), random weights."""
+    """Settings from the defaults and ``overrides`` only (no environment but the session's
+    model cache), random weights."""
     from encoder.settings import Settings
 
-    return Settings.from_env({"weights": "random", **overrides}, environ={})
+    cache = os.environ.get(MODEL_CACHE)
+    return Settings.from_env({"weights": "random", "model_cache": cache, **overrides}, environ={})
 
 
 # --- services ------------------------------------------------------------------------------
@@ -314,7 +329,7 @@ class CeleryWorker:
 
 
 def worker_env(broker_url: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGENC_", "AWS_"))}
+    env = without_imgenc_settings("AWS_")
     env.update(
         {
             "IMGENC_BROKER_URL": broker_url,

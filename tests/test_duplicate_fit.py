@@ -170,10 +170,15 @@ def test_an_older_destination_is_fitted_by_dedup_or_told_the_command_that_fits_i
     dest = tmp_path / "older"
     shutil.copytree(encoded["clean"][0], dest)
     shutil.rmtree(dest / "dedup")
-    run = imgenc("dedup", str(dest), "--no-progress")  # the images are where the manifest says
+    # The images are where the manifest says.  One kind of copy keeps the fit short; that
+    # a fit is deterministic is shown by the distributed test (the worker's fit is the
+    # embedded one).
+    run = imgenc("dedup", str(dest), "--dedup-kinds", "jpeg", "--no-progress")
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "fitting one" in run.stderr and "threshold: max distance" in run.stdout
-    assert fitted(dest).max_distance == fitted(encoded["clean"][0]).max_distance  # deterministic
+    assert "fitting one" in run.stderr
+    fit = fitted(dest)
+    assert f"threshold: max distance {fit.max_distance}" in run.stdout
+    assert fit.kinds == ["jpeg"] and fit.images == 115 and fit.copies_sampled >= 90
 
     shutil.rmtree(dest / "dedup")
     manifest = pd.read_csv(dest / "manifest.csv")
@@ -193,10 +198,10 @@ def test_an_older_destination_is_fitted_by_dedup_or_told_the_command_that_fits_i
 def test_fit_dedup_refits_on_request_with_the_kinds_the_catalogue_counts(encoded, tmp_path):
     dest = tmp_path / "refit"
     shutil.copytree(encoded["with-copies"][0], dest)
-    run = imgenc("fit-dedup", str(dest), "--dedup-kinds", "jpeg,half,bright", "--no-progress")
+    run = imgenc("fit-dedup", str(dest), "--dedup-kinds", "half,bright", "--no-progress")
     assert run.returncode == 0, run.stderr[-2000:]
     fit = fitted(dest)
-    assert set(fit.found) == {"jpeg", "half", "bright"} and "expected to find" in run.stdout
+    assert set(fit.found) == {"half", "bright"} and "expected to find" in run.stdout
     assert imgenc("fit-dedup", str(dest), "--dedup-kinds", "sepia").returncode == 2
 
 

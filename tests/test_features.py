@@ -218,7 +218,7 @@ def test_both_runtimes_give_the_codes_of_encode_and_the_pooled_features_from_one
     from encoder.runtime import load_encoder
 
     folder = catalogue(tmp_path / "images", 4)
-    settings = make_settings(**SPATIAL, runtime=runtime, model_cache=str(tmp_path / "cache"))
+    settings = make_settings(**SPATIAL, runtime=runtime)
     encoder = load_encoder(settings)
     loader = ImageLoader(folder, encoder.input_size)
     pixels = np.stack([loader.load(f"img_{i:05d}.jpg").pixels for i in range(4)])

@@ -64,12 +64,12 @@ def test_calibrate_keeps_the_loaders_pixels_of_a_sample_of_the_folder(photos, ca
 
 
 @pytest.mark.parametrize("layout", ["spatial", "pooled"])
-def test_openvino_fp32_codes_agree_with_tensorflow_fp32(photos, tmp_path, layout):
+def test_openvino_fp32_codes_agree_with_tensorflow_fp32(photos, layout):
     from encoder.runtime import load_encoder
 
     batch = pixels_of(photos)
     tf = load_encoder(make_settings(layout=layout))
-    ov = load_encoder(make_settings(layout=layout, runtime="openvino", model_cache=str(tmp_path)))
+    ov = load_encoder(make_settings(layout=layout, runtime="openvino"))
     agreement = float((tf.bits(batch) == ov.bits(batch)).mean())
     assert agreement >= 0.995, agreement
     assert ov.spec.runtime == "openvino" and ov.spec.fingerprint != tf.spec.fingerprint
@@ -119,16 +119,14 @@ def test_int8_codes_are_identical_in_two_processes_that_quantize_separately(
     assert len({c.tobytes() for c in first}) == len(first)  # image-dependent codes
 
 
-def test_int8_codes_mostly_agree_with_fp32(photos, calibration, tmp_path):
+def test_int8_codes_mostly_agree_with_fp32(photos, calibration):
     from encoder.runtime import load_encoder
 
     batch = pixels_of(photos)
-    fp32 = load_encoder(
-        make_settings(layout="pooled", runtime="openvino", model_cache=str(tmp_path))
-    )
+    fp32 = load_encoder(make_settings(layout="pooled", runtime="openvino"))
     int8 = load_encoder(
         make_settings(layout="pooled", runtime="openvino", precision="int8",
-                      calibration=str(calibration), model_cache=str(tmp_path))
+                      calibration=str(calibration))
     )  # fmt: skip
     agreement = float((fp32.bits(batch) == int8.bits(batch)).mean())
     assert 0.9 < agreement < 1.0, agreement
@@ -139,10 +137,9 @@ def test_an_int8_destination_records_runtime_precision_and_calibration_and_carri
 ):
     out = tmp_path / "codes"
     common = ("--weights", "random", "--layout", "pooled", "--runtime", "openvino")
-    env = {"IMGENC_MODEL_CACHE": str(tmp_path / "cache")}
     run = imgenc(
         "encode", str(photos), "--out", str(out), *common, "--precision", "int8",
-        "--calibration", str(calibration), "--no-progress", env=env,
+        "--calibration", str(calibration), "--no-progress",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     spec = read_spec(out)
@@ -164,7 +161,7 @@ def test_an_int8_destination_records_runtime_precision_and_calibration_and_carri
     save_calibration(other, load_calibration(calibration)[:8], ["x"] * 8)
     other_run = imgenc(
         "encode", str(photos), "--out", str(out), *common, "--precision", "int8",
-        "--calibration", str(other), "--no-progress", env=env,
+        "--calibration", str(other), "--no-progress",
     )  # fmt: skip
     assert other_run.returncode == 2 and "calibration_sha256" in other_run.stderr
 
