@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.helpers import RedisServer, write_jpegs  # noqa: E402
+from tests.helpers import MODEL_CACHE, RedisServer, write_jpegs  # noqa: E402
 
 # The suite runs four test processes (pytest-xdist), each starting more processes that load
 # TensorFlow, on as few as two cores.  With TensorFlow's default thread pools (one thread
@@ -55,7 +55,6 @@ def reliability():
 FIGURES_DIR = "IMGENC_TEST_RELIABILITY_DIR"
 
 
-MODEL_CACHE = "IMGENC_MODEL_CACHE"
 _MADE: list[str] = []  # folders this session made, removed at its end
 
 

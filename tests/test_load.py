@@ -78,9 +78,9 @@ def test_many_images_through_two_workers_complete_once_each_with_flat_worker_mem
     # the merge).  The manifest merge that ends the job (every row in memory, on one
     # worker) is reported apart: memory of another kind, and allocated once per job.
     after_first_1000 = next(rss for processed, rss in samples if processed >= 1000)
-    before_the_end = next(rss for processed, rss in samples if processed >= 0.9 * n_images)
+    at_nine_tenths = next(rss for processed, rss in samples if processed >= 0.9 * n_images)
     growth_mib = [
-        (end - first) / 1024 for first, end in zip(after_first_1000, before_the_end, strict=True)
+        (end - first) / 1024 for first, end in zip(after_first_1000, at_nine_tenths, strict=True)
     ]
     with_merge_mib = [
         (end - first) / 1024 for first, end in zip(after_first_1000, at_the_end, strict=True)
@@ -91,7 +91,7 @@ def test_many_images_through_two_workers_complete_once_each_with_flat_worker_mem
         faults_injected=0,
         images_per_second=round(n_images / seconds),
         worker_rss_mib_after_1000=[round(v / 1024) for v in after_first_1000],
-        worker_rss_growth_mib_1000_to_9000=[round(g, 1) for g in growth_mib],
+        worker_rss_growth_mib_1000_to_nine_tenths=[round(g, 1) for g in growth_mib],
         worker_rss_growth_mib_with_the_manifest_merge=[round(g, 1) for g in with_merge_mib],
     )
     reliability.append(figures)
