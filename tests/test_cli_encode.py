@@ -163,6 +163,14 @@ def test_destination_with_another_spec_is_refused(jpeg_dir, tmp_path):
 CTRL_C_IMAGES = 200
 
 
+def default_sigint() -> None:
+    """In the child, before it runs: SIGINT as a terminal gives it.  A background job of a
+    shell without job control (``pytest ... &`` in a script, some CI runners) starts with
+    SIGINT ignored, every child inherits that, and Python then keeps ignoring it: the run
+    would finish, untouched by the interrupt, with status 0."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_leaves_only_whole_shards_in_the_manifest_and_resume_finishes(tmp_path):
     """The run is interrupted once 2 shards are written; at a model's pace of 0.1 s per
     image the rest would take 20 s, so a slow machine cannot finish it first."""
@@ -194,6 +202,7 @@ def test_ctrl_c_leaves_only_whole_shards_in_the_manifest_and_resume_finishes(tmp
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )
     started = time.monotonic()
     while proc.poll() is None and len(list((out / "parts").glob("*.csv"))) < 2:
