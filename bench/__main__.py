@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import embeddings, pipeline, quality, search_measure
+from bench import embeddings, pipeline, quality, scale, search_measure
 from bench.core import Context, machine
 from bench.images import SAMPLE_PHOTOS_NAME, SHARED_PHOTOS_NAME, NoPhotos, prepare_photos
 
@@ -34,6 +34,7 @@ STEPS: dict[str, Callable[[Context], None]] = {
     "quality": quality.quality,
     "backbones": quality.backbones,
     "embeddings": embeddings.embeddings,
+    "scale": scale.scale,
 }
 NEEDS = {"embedded": "ceiling", "distributed": "ceiling"}  # the step a ratio divides by
 
@@ -56,6 +57,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", default="bench-results.json", help="where to write the table")
     parser.add_argument("--only", nargs="*", choices=list(STEPS), help="run only these steps")
+    parser.add_argument(
+        "--scale",
+        type=int,
+        nargs="+",
+        default=[1_000_000, 10_000_000],
+        metavar="N",
+        help="catalogue sizes of the scale step (not run with --quick) [1000000 10000000]",
+    )
+    parser.add_argument(
+        "--scale-hnsw",
+        type=int,
+        default=1_000_000,
+        metavar="N",
+        help="the largest size the scale step builds an HNSW index of [1000000]",
+    )
     return parser.parse_args(argv)
 
 
@@ -88,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"python -m bench: {problem}", file=sys.stderr)
             return 2
         ctx = Context(photos.folder, photos.files, args.quick, work, args.weights)
+        ctx.scale, ctx.scale_hnsw = tuple(args.scale), args.scale_hnsw
         about = machine()
         print(
             f"machine: {about['cpu']}, {about['cores']} cores, CPU flags "

@@ -43,6 +43,8 @@ class Context:
     weights: str = "random"
     rows: list[dict[str, Any]] = field(default_factory=list)
     figures: dict[str, float] = field(default_factory=dict)  # for later steps' ratios
+    scale: tuple[int, ...] = ()  # catalogue sizes of the scale step
+    scale_hnsw: int = 0  # the largest of them the scale step builds HNSW for
 
     def add(self, *fields: Any, key: str | None = None, **named: Any) -> None:
         """Record and print ``Row(*fields, **named)``; ``key`` keeps its value for later."""

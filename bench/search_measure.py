@@ -93,6 +93,7 @@ def search(ctx: Context) -> None:
     from search.backend import new_backend
     from search.faiss_backend import stored_bytes
     from search.index import Index
+    from search.segments import rows_for_keys
 
     n, n_queries = (20_000, 100) if ctx.quick else (1_000_000, 1000)
     generator = ClusteredCodes(bits=500, clusters=max(20, n // 1000), seed=1)
@@ -134,7 +135,7 @@ def search(ctx: Context) -> None:
         generator = ClusteredCodes(bits, clusters=max(10, n // 100), seed=bits)
         codes, queries, keys = generator.draw(n), generator.draw(n_queries), np.arange(n)
         flat = new_backend("flat", codes.shape[1])
-        flat.add(keys, codes)
+        flat.update(rows_for_keys(keys), codes, np.zeros(0, np.int64))
         rates[bits] = queries_per_second(lambda q, b=flat: b.search(q, K), queries)
         what = f"{n:,} codes of {bits // 8} bytes, {n_queries} queries, k={K}"
         ratio = rates[bits] / rates[512] if bits != 512 else None
@@ -144,7 +145,7 @@ def search(ctx: Context) -> None:
         exact = flat.search(queries, K)[0]
         del flat
         hnsw, start = new_backend("hnsw", codes.shape[1]), time.perf_counter()
-        hnsw.add(keys, codes)
+        hnsw.update(rows_for_keys(keys), codes, np.zeros(0, np.int64))
         build = time.perf_counter() - start
         rate = queries_per_second(lambda q, b=hnsw: b.search(q, K), queries)
         recall = float(np.mean(hnsw.search(queries, K)[0] <= exact[:, K - 1 : K]))

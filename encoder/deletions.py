@@ -16,20 +16,28 @@ compares the ``path`` column (the absolute path encoded) under the folder's real
 A folder that lost every image, or most of them at once, is more likely a failed mount
 or a wrong path than a withdrawn catalogue: ``check_deletions`` refuses it unless the
 caller accepts (``--accept-deletions``), and says how many images would go.
+
+The manifest is compared as Arrow columns and the scan as sorted 64-bit hashes
+(``ScannedSet``), so a catalogue of millions costs no Python object per image.
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterator
 from datetime import datetime, timezone
+from typing import Any
 
-from encoder.manifest import DELETED, PARTS_PREFIX, Row, rows_to_csv
+import numpy as np
+
+from encoder.keys import image_keys
+from encoder.manifest import DELETED, PARTS_PREFIX, rows_to_csv
 from encoder.storage import Storage
 
 MAX_DELETED_SHARE = 0.5  # refuse when more than this share of the images would go at once...
 MIN_DELETED_REFUSED = 20  # ...and at least this many (a small catalogue may lose half)
 ACCEPT_FLAG = "--accept-deletions"
+CHUNK = 65536  # rows turned into Python values at a time
 
 
 class TooManyDeletions(ValueError):
@@ -44,6 +52,43 @@ class TooManyDeletions(ValueError):
         )
 
 
+class ScannedSet:
+    """The strings a scan found (ids or paths), as sorted 64-bit hashes; ``add`` them as
+    the scan goes, then ask ``contains``."""
+
+    def __init__(self) -> None:
+        self._pending: list[str] = []
+        self._parts: list[np.ndarray] = []  # hashes of CHUNK values each, unsorted
+        self._sorted = np.zeros(0, np.int64)
+
+    def add(self, value: str) -> None:
+        self._pending.append(value)
+        if len(self._pending) >= CHUNK:
+            self._parts.append(image_keys(self._pending))
+            self._pending = []
+
+    def _hashes(self) -> np.ndarray:
+        if self._pending:
+            self._parts.append(image_keys(self._pending))
+            self._pending = []
+        if self._parts:
+            self._sorted = np.unique(np.concatenate([self._sorted, *self._parts]))
+            self._parts = []
+        return self._sorted
+
+    def __len__(self) -> int:
+        return len(self._hashes())
+
+    def contains(self, values: Any) -> np.ndarray:
+        """Whether each of ``values`` (an Arrow string column or a list) was found."""
+        hashes = self._hashes()
+        wanted = image_keys(values)
+        if not len(hashes):
+            return np.zeros(len(wanted), bool)
+        where = np.minimum(np.searchsorted(hashes, wanted), len(hashes) - 1)
+        return hashes[where] == wanted
+
+
 def in_scope(value: str, scope: str) -> bool:
     """Whether ``value`` (an id or a path) lies under ``scope`` ("" is everything)."""
     if not scope:
@@ -52,40 +97,63 @@ def in_scope(value: str, scope: str) -> bool:
     return value.startswith(prefix)
 
 
-def row_root(row: Row) -> str:
-    """The root a row's image was read under: its ``path`` without its ``id``."""
-    path, image_id = row.get("path", ""), row.get("id", "")
+def row_root(path: str, image_id: str) -> str:
+    """The root an image was read under: its ``path`` without its ``id``."""
     return path[: -len(image_id) - 1] if image_id and path.endswith("/" + image_id) else ""
 
 
+def _roots(rows: Any) -> np.ndarray:
+    """Each row's ``row_root`` (rows: Arrow ``id`` and ``path``), as a number per distinct
+    root (a catalogue has few), computed a chunk of rows at a time."""
+    roots: dict[str, int] = {}
+    codes = np.empty(rows.num_rows, np.int32)
+    for start in range(0, rows.num_rows, CHUNK):
+        chunk = rows.slice(start, CHUNK)
+        for n, (path, image_id) in enumerate(
+            zip(chunk["path"].to_pylist(), chunk["id"].to_pylist(), strict=True)
+        ):
+            codes[start + n] = roots.setdefault(row_root(path or "", image_id), len(roots))
+    return codes
+
+
 def vanished(
-    previous_rows: Iterable[Row],
-    scanned: set[str],
+    previous: Any,
+    scanned: ScannedSet,
     scope: str = "",
     column: str = "id",
     same_root: bool = False,
-) -> tuple[list[Row], int]:
-    """The rows of ``previous_rows`` (a merged manifest: one row per image) that are not
-    ``deleted``, whose ``column`` lies under ``scope``, and that the scan did not find
-    (``scanned`` holds the same column's values of the scan); and how many rows were
-    under ``scope`` and not yet deleted (what the refusal rule compares with).
+) -> tuple[Any, int]:
+    """The rows of ``previous`` (the merged manifest as an Arrow table with ``id``,
+    ``path`` and ``status``) that are not ``deleted``, whose ``column`` lies under
+    ``scope``, and that the scan did not find (``scanned`` holds the same column's values
+    of the scan); and how many rows were under ``scope`` and not yet deleted (what the
+    refusal rule compares with).
 
     ``same_root`` (for ids, which do not say which folder they were read from) keeps only
     the rows read under a root (``row_root``) that an image still found was read under:
     two folders enqueued into one destination without a common image root both have ids
     relative to themselves, and the one scanned must not delete the other's.  When the
     scan found none of them, every row in scope counts (and the refusal rule applies)."""
-    rows = [
-        row
-        for row in previous_rows
-        if row.get("status") != DELETED and row.get(column) and in_scope(row.get(column, ""), scope)
-    ]
-    if same_root:
-        roots = {row_root(row) for row in rows if row[column] in scanned}
-        if roots:
-            rows = [row for row in rows if row_root(row) in roots]
-    gone = [row for row in rows if row[column] not in scanned]
-    return gone, len(rows)
+    import pyarrow.compute as pc
+
+    if previous is None or previous.num_rows == 0:
+        return _empty_gone(), 0
+    keep = pc.and_(pc.not_equal(previous["status"], DELETED), pc.not_equal(previous[column], ""))
+    if scope:
+        keep = pc.and_(keep, pc.starts_with(previous[column], scope.rstrip("/") + "/"))
+    rows = previous.filter(keep)
+    found = scanned.contains(rows[column])
+    if same_root and found.any():
+        codes = _roots(rows)
+        rows = rows.filter(np.isin(codes, np.unique(codes[found])))
+        found = scanned.contains(rows[column])
+    return rows.filter(~found).select(["id", "path"]), rows.num_rows
+
+
+def _empty_gone() -> Any:
+    import pyarrow as pa
+
+    return pa.table({"id": pa.array([], pa.string()), "path": pa.array([], pa.string())})
 
 
 def check_deletions(n_vanished: int, n_previous: int, accept: bool = False) -> None:
@@ -108,25 +176,29 @@ def deleted_part_key(run_id: str) -> str:
     return f"{PARTS_PREFIX}/{run_id}-deleted.csv"
 
 
-def record_deletions(
-    storage: Storage, rows: Iterable[Row], run_id: str, host: str | None = None
-) -> int:
-    """Write one ``deleted`` row per row of ``rows`` (its id and path, the time now in
-    ``encoded_at``, no shard) as ``parts/<run_id>-deleted.csv``; returns how many."""
+def record_deletions(storage: Storage, gone: Any, run_id: str, host: str | None = None) -> int:
+    """Write one ``deleted`` row per row of ``gone`` (an Arrow table with ``id`` and
+    ``path``; the time now in ``encoded_at``, no shard) as ``parts/<run_id>-deleted.csv``;
+    returns how many."""
     now = datetime.now(timezone.utc).isoformat(timespec="microseconds")
     host = host or socket.gethostname()
-    deleted = [
-        {
-            "id": row["id"],
-            "path": row.get("path", ""),
-            "status": DELETED,
-            "error": "gone from the folder when it was scanned again",
-            "job_id": run_id,
-            "worker_host": host,
-            "encoded_at": now,
-        }
-        for row in rows
-    ]
-    if deleted:
-        storage.put(deleted_part_key(run_id), rows_to_csv(deleted))
-    return len(deleted)
+
+    def rows() -> Iterator[dict[str, str]]:
+        for start in range(0, gone.num_rows, CHUNK):
+            chunk = gone.slice(start, CHUNK)
+            for image_id, path in zip(
+                chunk["id"].to_pylist(), chunk["path"].to_pylist(), strict=True
+            ):
+                yield {
+                    "id": image_id,
+                    "path": path or "",
+                    "status": DELETED,
+                    "error": "gone from the folder when it was scanned again",
+                    "job_id": run_id,
+                    "worker_host": host,
+                    "encoded_at": now,
+                }
+
+    if gone.num_rows:
+        storage.put(deleted_part_key(run_id), rows_to_csv(rows()))
+    return gone.num_rows

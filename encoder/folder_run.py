@@ -16,11 +16,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from encoder.deletions import check_deletions, record_deletions, vanished
+from encoder.deletions import ScannedSet, check_deletions, record_deletions, vanished
 from encoder.features import feature_mapper, plan_features
 from encoder.images import ImageLoader
-from encoder.manifest import DELETED, merge_manifest, resume_keys, status_counts
+from encoder.manifest import DELETED
+from encoder.merged import merge_manifest
 from encoder.progress import TqdmProgress
+from encoder.resume import ResumeKeys
 from encoder.runner import Runner, RunStats
 from encoder.scan import scan_images
 from encoder.settings import Settings
@@ -87,32 +89,32 @@ def encode_folder(
     # download, a missing runtime) leaves the destination as it was.
     enc = encoder if encoder is not None else load_encoder(settings)
     storage, previous, merged = open_destination(dest, spec, settings, resume)
-    skip = resume_keys(previous)
+    skip = ResumeKeys.of(previous)
     plan = plan_features(storage, features)
     skip = plan.adjust_skip(skip)
     run_id = new_run_id()
     # The manifest's paths are the loader's: the folder's real path, then the id.
     root_prefix = os.path.realpath(image_dir).rstrip("/") + "/"
-    todo, skipped, scanned = 0, 0, set()
-    for entry in scan_images(image_dir):
-        if entry.resume_key in skip:
-            skipped += 1
-        else:
-            todo += 1
-        if resume or plan.lacking:
-            scanned.add(root_prefix + entry.id)
-    gone: list = []
+    todo, skipped = 0, 0
+    scanned_paths, scanned_ids = ScannedSet(), ScannedSet()
+    for entry, done in skip.split(scan_images(image_dir)):
+        skipped += done
+        todo += not done
+        if resume:
+            scanned_paths.add(root_prefix + entry.id)
+        if plan.needs_filling:
+            scanned_ids.add(entry.id)
+    gone = None
     if resume:
-        gone, known = vanished(previous, scanned, root_prefix, column="path")
-        check_deletions(len(gone), known, accept_deletions)  # before anything is written
-    if plan.lacking:  # images gone now need no features; the others must be in this folder
-        gone_ids = {row["id"] for row in gone}
-        plan.lacking = [row for row in plan.lacking if row["id"] not in gone_ids]
-        found = {path[len(root_prefix) :] for path in scanned}
-        plan.check_reachable(found, str(image_dir))
-    del scanned, previous
+        gone, known = vanished(previous, scanned_paths, root_prefix, column="path")
+        check_deletions(gone.num_rows, known, accept_deletions)  # before anything is written
+    if plan.needs_filling:  # images gone now need no features; the others must be here
+        if gone is not None:
+            plan.forget(gone["id"])
+        plan.check_reachable(scanned_ids, str(image_dir))
+    del scanned_paths, scanned_ids, previous
     plan.accept()
-    deleted = record_deletions(storage, gone, run_id) if gone else 0
+    deleted = record_deletions(storage, gone, run_id) if gone is not None else 0
     if deleted:
         log.info("%d images gone from %s marked deleted", deleted, image_dir)
     if todo == 0 and not deleted and merged:
@@ -141,8 +143,8 @@ def encode_folder(
 
     def ids() -> Iterator[str]:
         nonlocal skipped
-        for entry in scan_images(image_dir):
-            if entry.resume_key in skip:
+        for entry, done in skip.split(scan_images(image_dir)):
+            if done:
                 skipped += 1
             else:
                 yield entry.id
@@ -152,8 +154,8 @@ def encode_folder(
     finally:
         bar.close()
         try:
-            rows = merge_manifest(storage)
-            log.info("manifest: %d rows, %s", len(rows), status_counts(rows))
+            info = merge_manifest(storage)
+            log.info("manifest: %d rows, %s", info.rows, info.counts)
         except StorageError as exc:
             # The parts already written are consistent (each names a shard that is there);
             # load_codes reads them, and --resume goes on from them.

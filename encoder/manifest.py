@@ -1,4 +1,4 @@
-"""The manifest: one CSV row per image, saying what happened to it and where its code is.
+"""The manifest: one row per image, saying what happened to it and where its code is.
 
 Layout of a destination (local directory or S3 prefix)::
 
@@ -9,10 +9,12 @@ Layout of a destination (local directory or S3 prefix)::
     codes/<shard>.npy         uint8 (n, bytes_per_code) bit-packed codes, one row per ok image
     parts/<shard>.csv         manifest rows for that shard, written after the shard
     parts/<run>-deleted.csv   ``deleted`` rows: images a ``--resume`` found gone (no shard)
-    manifest.csv              all parts merged: one row per image id
+    manifest.parquet          all parts merged: one row per image id, sorted by id
+    manifest.json             what the merge covered: the parts and their versions, totals
 
-A part is written only after its shard, so a part never names a code that is not on disk.
-Merging keeps exactly one row per image id (``RowMerge``):
+Workers and runs write small CSV parts, each only after its shard, so a part never names
+a code that is not on disk.  The merge (``encoder.merged``) keeps exactly one row per image
+id, streaming, in bounded memory:
 
 - ``ok`` and ``deleted`` compete by ``encoded_at`` (for ``deleted``, the time the image
   was seen gone): the later wins, so a photo deleted then restored and encoded again is
@@ -24,15 +26,18 @@ Merging keeps exactly one row per image id (``RowMerge``):
 Among rows of one kind, on equal times the row seen last wins.  Re-running a chunk
 rewrites the same shard and part keys, so redelivery never adds rows.  ``deleted`` is not
 a failure: the status totals count it apart (``StatusTotals.deleted``).
+
+This module holds the format: the columns, the CSV parts (written with the standard
+``csv`` module, read back as Arrow tables), and the status totals.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Generic, TypeVar
+from typing import Any
 
 from encoder.storage import Storage
 
@@ -52,11 +57,14 @@ COLUMNS = (
     "worker_host",
     "encoded_at",
 )
+INT_COLUMNS = ("size", "mtime_ns", "width", "height", "row")
 SPEC_KEY = "spec.json"
 CENTER_KEY = "center.npy"  # the mean feature subtracted before hashing, when --center is used
 CALIBRATION_KEY = "calibration.npz"  # the int8 calibration sample, when --precision int8
 PLANES_KEY = "planes.npz"  # the fitted planes, when --planes
-MANIFEST_KEY = "manifest.csv"
+MANIFEST_KEY = "manifest.parquet"
+MANIFEST_INFO_KEY = "manifest.json"
+LEGACY_MANIFEST_KEY = "manifest.csv"  # what versions before manifest.parquet merged into
 PARTS_PREFIX = "parts"
 CODES_PREFIX = "codes"
 
@@ -64,10 +72,10 @@ OK = "ok"
 DELETED = "deleted"  # gone from the folder when a --resume scanned it; not a failure
 
 Row = dict[str, str]
-T = TypeVar("T")
 
 
 def rows_to_csv(rows: Iterable[Row]) -> bytes:
+    """A manifest part: the header, then one line per row (missing columns empty)."""
     buffer = io.StringIO(newline="")
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -77,79 +85,104 @@ def rows_to_csv(rows: Iterable[Row]) -> bytes:
 
 
 def csv_to_rows(data: bytes) -> list[Row]:
+    """A part's rows as dicts of strings (for a look at one part; merging uses Arrow)."""
     return list(csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")))
 
 
-def read_parts(storage: Storage, threads: int = 16) -> Iterator[Row]:
-    keys = [k for k in storage.list(PARTS_PREFIX) if k.endswith(".csv")]
+def arrow_schema(with_key: bool = True) -> Any:
+    """The typed columns of the merged manifest (and of parts read as Arrow): integers for
+    sizes, pixels and rows, a UTC timestamp for ``encoded_at``, strings for the rest, and
+    the image's ``key`` (``encoder.keys``)."""
+    import pyarrow as pa
+
+    fields = []
+    for name in COLUMNS:
+        if name in INT_COLUMNS:
+            fields.append(pa.field(name, pa.int64()))
+        elif name == "encoded_at":
+            fields.append(pa.field(name, pa.timestamp("us", tz="UTC")))
+        else:
+            fields.append(pa.field(name, pa.string()))
+    if with_key:
+        fields.append(pa.field("key", pa.int64()))
+    return pa.schema(fields)
+
+
+def parse_parts(datas: Sequence[bytes]) -> Any:
+    """The rows of several parts (their bytes, in order) as one Arrow table with the
+    manifest's columns (``arrow_schema`` without ``key``), in the order given.  Parts
+    that share a header are parsed in one pass; a column a part lacks (written by an
+    older version) is null."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    schema = arrow_schema(with_key=False)
+    types = {f.name: f.type for f in schema}
+    types["encoded_at"] = pa.string()  # parsed by parse_times: with or without an offset
+    convert = pcsv.ConvertOptions(
+        column_types=types,
+        include_columns=list(COLUMNS),
+        include_missing_columns=True,
+        strings_can_be_null=False,
+    )
+    parse = pcsv.ParseOptions(newlines_in_values=True)
+    tables = []
+    run: list[bytes] = []
+    run_header = b""
+
+    def flush() -> None:
+        if run:
+            body = run_header + b"\n" + b"".join(run)
+            tables.append(
+                pcsv.read_csv(pa.BufferReader(body), parse_options=parse, convert_options=convert)
+            )
+            run.clear()
+
+    for data in datas:
+        header, _, body = data.partition(b"\n")
+        if not body.strip():
+            continue
+        if header != run_header:
+            flush()
+            run_header = header
+        run.append(body if body.endswith(b"\n") else body + b"\n")
+    flush()
+    if not tables:
+        return schema.empty_table()
+    table = pa.concat_tables([t.select(list(COLUMNS)) for t in tables])
+    at = table.column_names.index("encoded_at")
+    return table.set_column(at, "encoded_at", parse_times(table["encoded_at"])).cast(schema)
+
+
+_ISO_TIME = r"^\d{4}-\d\d-\d\d([T ]\d\d(:\d\d(:\d\d(\.\d{1,9})?)?)?)?"
+_OFFSET = r"(Z|[+-]\d\d:?\d\d)$"
+
+
+def parse_times(strings: Any) -> Any:
+    """ISO 8601 times (``encoded_at``) as UTC timestamps (µs): with an offset as given,
+    without one as UTC; anything else (empty, garbled) is null."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    strings = pc.fill_null(strings, "")
+    aware = pc.match_substring_regex(strings, _ISO_TIME + _OFFSET)
+    naive = pc.match_substring_regex(strings, _ISO_TIME + "$")
+    utc = pa.timestamp("us", tz="UTC")
+    with_offset = pc.cast(pc.if_else(aware, strings, pa.scalar(None, pa.string())), utc)
+    without = pc.cast(pc.if_else(naive, strings, pa.scalar(None, pa.string())), pa.timestamp("us"))
+    without = pc.assume_timezone(without, "UTC")
+    return pc.if_else(aware, with_offset, without)
+
+
+def read_parts(storage: Storage, keys: Sequence[str], threads: int = 16) -> Any:
+    """The rows of the parts ``keys`` as one Arrow table (``parse_parts``), in key order."""
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        for data in pool.map(storage.get, keys):
-            yield from csv_to_rows(data)
+        return parse_parts(list(pool.map(storage.get, keys)))
 
 
-class RowMerge(Generic[T]):
-    """The merge rule (see the module docstring), applied row by row: ``add`` each row's
-    id, status and ``encoded_at`` with a payload (the row, or what a reader keeps of it);
-    ``winners`` gives each image's winning status and payload.  It keeps, per image, the
-    latest ``ok``/``deleted`` row and the latest failure, so the result does not depend on
-    the order of the parts."""
-
-    def __init__(self) -> None:
-        # id -> [latest ok/deleted (time, is_ok, payload), latest failure (time, payload)]
-        self._best: dict[str, list] = {}
-
-    def add(self, image_id: str, status: str, encoded_at: str, payload: T) -> None:
-        slot = self._best.get(image_id)
-        if slot is None:
-            slot = self._best[image_id] = [None, None]
-        if status in (OK, DELETED):
-            if slot[0] is None or encoded_at >= slot[0][0]:
-                slot[0] = (encoded_at, status == OK, payload)
-        elif slot[1] is None or encoded_at >= slot[1][0]:
-            slot[1] = (encoded_at, payload)
-
-    def __len__(self) -> int:
-        return len(self._best)
-
-    def winners(self) -> Iterator[tuple[str, bool, T]]:
-        """``(id, is_ok, payload)`` of each image's winning row, in id order."""
-        for image_id in sorted(self._best):
-            presence, failure = self._best[image_id]
-            if presence is not None and (
-                presence[1] or failure is None or failure[0] <= presence[0]
-            ):
-                yield image_id, presence[1], presence[2]
-            else:
-                yield image_id, False, failure[1]
-
-
-def deduplicate(rows: Iterable[Row]) -> list[Row]:
-    """One row per image id, by the merge rule (``RowMerge``), in id order."""
-    merge: RowMerge[Row] = RowMerge()
-    for row in rows:
-        merge.add(row["id"], row.get("status", ""), row.get("encoded_at", ""), row)
-    return [row for _, _, row in merge.winners()]
-
-
-def merge_manifest(storage: Storage) -> list[Row]:
-    """Merge every part into ``manifest.csv`` (atomically) and return its rows."""
-    rows = deduplicate(read_parts(storage))
-    storage.put(MANIFEST_KEY, rows_to_csv(rows))
-    return rows
-
-
-def read_manifest(storage: Storage) -> list[Row]:
-    """The merged manifest if one exists, else the parts merged in memory."""
-    rows = read_merged_manifest(storage)
-    return rows if rows is not None else deduplicate(read_parts(storage))
-
-
-def read_merged_manifest(storage: Storage) -> list[Row] | None:
-    """``manifest.csv`` (one read), or None when the parts were never merged."""
-    try:
-        return csv_to_rows(storage.get(MANIFEST_KEY))
-    except KeyError:
-        return None
+def part_keys(storage: Storage) -> dict[str, str]:
+    """``key -> version`` of every manifest part, sorted by key."""
+    return {k: v for k, v in storage.list_versions(PARTS_PREFIX).items() if k.endswith(".csv")}
 
 
 class StatusTotals:
@@ -177,29 +210,12 @@ class StatusTotals:
         return [f"  {status:<14} {n}" for status, n in sorted(self.counts.items())]
 
 
-def status_counts(rows: Iterable[Row]) -> dict[str, int]:
+def status_counts(statuses: Any) -> dict[str, int]:
+    """Images per status, from an Arrow string column (or any iterable of statuses)."""
+    if hasattr(statuses, "value_counts"):
+        pairs = statuses.value_counts().to_pylist()
+        return dict(sorted((p["values"], p["counts"]) for p in pairs))
     counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    for status in statuses:
+        counts[status] = counts.get(status, 0) + 1
     return dict(sorted(counts.items()))
-
-
-def done_keys(storage: Storage) -> set[tuple[str, int | None, int | None]]:
-    """``(id, size, mtime_ns)`` of every image the destination already holds as ok."""
-    return resume_keys(read_manifest(storage))
-
-
-def resume_keys(rows: Iterable[Row]) -> set[tuple[str, int | None, int | None]]:
-    """``(id, size, mtime_ns)`` of every ok row of a merged manifest.
-
-    This is the resume rule of both ``imgenc encode --resume`` and ``imgenc enqueue
-    --resume``: same relative path, same size, same mtime.  A replaced photo (new size or
-    mtime) and one that came back after it was recorded ``deleted`` are encoded again.
-    """
-    keys = set()
-    for row in rows:
-        if row["status"] == OK:
-            size = int(row["size"]) if row["size"] else None
-            mtime = int(row["mtime_ns"]) if row["mtime_ns"] else None
-            keys.add((row["id"], size, mtime))
-    return keys

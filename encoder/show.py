@@ -4,30 +4,35 @@ notebook's ``plt.imshow(image_encodings[0])`` did, rendered with Pillow alone.""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from encoder.codes import load_codes, read_spec, unpack_codes
 from encoder.images import ImageLoader
-from encoder.manifest import read_manifest
+from encoder.merged import read_manifest
 from encoder.storage import open_storage
 
 PANEL_HEIGHT = 392
 
 
-def find_row(dest: str, image_id: str) -> dict[str, str]:
-    rows = read_manifest(open_storage(dest))
-    exact = [r for r in rows if r["id"] == image_id]
-    if not exact:  # accept a bare file name or stem, as the notebook's ids were
-        exact = [
-            r for r in rows if Path(r["id"]).name == image_id or Path(r["id"]).stem == image_id
-        ]
-    if len(exact) != 1:
+def find_row(dest: str, image_id: str) -> dict[str, Any]:
+    import pyarrow.compute as pc
+
+    rows = read_manifest(open_storage(dest), ["id", "path", "status", "error"])
+    exact = rows.filter(pc.equal(rows["id"], image_id))
+    if not exact.num_rows:  # accept a bare file name or stem, as the notebook's ids were
+        ids = rows["id"].combine_chunks()
+        base = pc.extract_regex(ids, r"(?:^|/)(?P<name>[^/]*)$").field("name")
+        stem = pc.replace_substring_regex(base, r"^(.+)\.[^.]*$", r"\1")
+        exact = rows.filter(pc.or_(pc.equal(base, image_id), pc.equal(stem, image_id)))
+    if exact.num_rows != 1:
         raise KeyError(
-            f"{image_id!r} matches {len(exact)} images in {dest}; give its id as in manifest.csv"
+            f"{image_id!r} matches {exact.num_rows} images in {dest}; give its id as in "
+            "the manifest"
         )
-    return exact[0]
+    return exact.to_pylist()[0]
 
 
 def render(dest: str, image_id: str, png: str | Path, image_root: str | None = None) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,9 @@ class Storage(Protocol):
     url: str
 
     def put(self, key: str, data: bytes) -> None: ...
+    def put_file(self, key: str, path: str | Path) -> None: ...
     def get(self, key: str) -> bytes: ...
+    def get_file(self, key: str, path: str | Path) -> None: ...
     def delete(self, key: str) -> None: ...
     def list(self, prefix: str) -> Iterator[str]: ...
     def list_versions(self, prefix: str) -> dict[str, str]: ...
@@ -57,9 +60,41 @@ class LocalStorage:
                 raise StorageError(f"disk full: could not write {target}") from exc
             raise StorageError(f"could not write {target}: {exc.strerror or exc}") from exc
 
+    def put_file(self, key: str, path: str | Path) -> None:
+        """Store the file at ``path`` (a temporary file: it may be moved, not copied)
+        under ``key``, atomically."""
+        target = self.root / key
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+            try:
+                os.replace(path, target)  # the same file system: a rename
+                return
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, target)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise StorageError(f"disk full: could not write {target}") from exc
+            raise StorageError(f"could not write {target}: {exc.strerror or exc}") from exc
+
     def get(self, key: str) -> bytes:
         try:
             return (self.root / key).read_bytes()
+        except FileNotFoundError:
+            raise KeyError(key) from None
+
+    def get_file(self, key: str, path: str | Path) -> None:
+        """Copy the object ``key`` to the local file ``path``."""
+        try:
+            shutil.copyfile(self.root / key, path)
         except FileNotFoundError:
             raise KeyError(key) from None
 
@@ -109,6 +144,29 @@ class S3Storage:
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"S3 put {self.url}/{key} failed: {exc}") from exc
+
+    def put_file(self, key: str, path: str | Path) -> None:
+        """Upload the file at ``path`` under ``key`` (multipart when large: boto3's managed
+        transfer, which makes the object visible only once complete)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.upload_file(str(path), self.bucket, self._key(key))
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"S3 put {self.url}/{key} failed: {exc}") from exc
+
+    def get_file(self, key: str, path: str | Path) -> None:
+        """Download the object ``key`` to the local file ``path``."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.download_file(self.bucket, self._key(key), str(path))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise KeyError(key) from None
+            raise StorageError(f"S3 get {self.url}/{key} failed: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"S3 get {self.url}/{key} failed: {exc}") from exc
 
     def get(self, key: str) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError

@@ -15,6 +15,7 @@ import io
 import socket
 import time
 from datetime import datetime, timezone
+from typing import Any
 
 import numpy as np
 
@@ -28,10 +29,10 @@ from encoder.manifest import (
     PLANES_KEY,
     SPEC_KEY,
     Row,
-    read_manifest,
-    read_merged_manifest,
+    part_keys,
     rows_to_csv,
 )
+from encoder.merged import read_info, read_manifest
 from encoder.settings import Settings
 from encoder.spec import CodeSpec, SpecMismatch
 from encoder.storage import Storage, open_storage
@@ -69,21 +70,26 @@ def check_spec(storage: Storage, spec: CodeSpec) -> bool:
     return True
 
 
+RESUME_COLUMNS = ["id", "path", "status", "size", "mtime_ns"]
+
+
 def open_destination(
     dest: str, spec: CodeSpec, settings: Settings, resume: bool
-) -> tuple[Storage, list[Row], bool]:
+) -> tuple[Storage, Any, bool]:
     """Open ``dest`` for writing codes of ``spec`` (refusing another spec), and return the
-    storage with its merged manifest, read once (empty unless ``resume``): the resume
-    keys (``encoder.manifest.resume_keys``) and the deletions (``encoder.deletions``) come
-    from it; and whether it came from ``manifest.csv`` (else from the parts, never merged
-    yet).  Used by ``imgenc encode`` and by the producer alike."""
+    storage with its merged manifest's ``RESUME_COLUMNS`` as an Arrow table, read once
+    (None unless ``resume``): the resume keys (``encoder.resume.ResumeKeys``) and the
+    deletions (``encoder.deletions``) come from it; and whether ``manifest.parquet`` was
+    current (else the parts were merged for the reading).  Used by ``imgenc encode`` and
+    by the producer alike."""
     storage = open_storage(dest)
     calibration = settings.calibration if spec.calibration_sha256 else None
     ensure_spec(storage, spec, settings.center, calibration, settings.planes)
     if not resume:
-        return storage, [], False
-    rows = read_merged_manifest(storage)
-    return (storage, rows, True) if rows is not None else (storage, read_manifest(storage), False)
+        return storage, None, False
+    info = read_info(storage)
+    current = info is not None and info.parts == part_keys(storage)
+    return storage, read_manifest(storage, RESUME_COLUMNS), current
 
 
 def shard_name(run_id: str, number: int) -> str:

@@ -117,8 +117,8 @@ def cmd_fit_dedup(args: argparse.Namespace) -> int:
     index = _open_index(args)
     if len(index) >= MIN_IMAGES:
         images = CatalogueImages(index, args.settings.image_root)
-        first = index.ids[0]
-        if not images.reachable(first):
+        first = index.first_id()
+        if first is not None and not images.reachable(first):
             loader = images.loader(first)
             where = loader.root if loader else "(no image root recorded)"
             return _error(
@@ -141,9 +141,8 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     except NoThreshold:
         # An older destination, or one fitted for other codes: fit now if its images and
         # its model can be reached, else say how.
-        if not index.ids or not CatalogueImages(index, args.settings.image_root).reachable(
-            index.ids[0]
-        ):
+        first = index.first_id()
+        if first is None or not CatalogueImages(index, args.settings.image_root).reachable(first):
             return _error(
                 f"{args.dest} has no near-duplicate threshold fitted for its codes, and its "
                 f"images cannot be read here to fit one: run `imgenc fit-dedup {args.dest} "

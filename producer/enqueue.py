@@ -20,10 +20,10 @@ from typing import Any
 
 from kombu.utils.url import maybe_sanitize_url
 
-from encoder.deletions import check_deletions, record_deletions, vanished
+from encoder.deletions import ScannedSet, check_deletions, record_deletions, vanished
 from encoder.features import plan_features
-from encoder.manifest import resume_keys
-from encoder.scan import scan_images
+from encoder.resume import ResumeKeys
+from encoder.scan import ScanEntry, scan_images
 from encoder.settings import Settings, process_settings
 from encoder.spec import spec_for
 from encoder.writer import open_destination
@@ -105,10 +105,10 @@ def relative_prefix(image_dir: Path, image_root: Path) -> str:
     return "" if prefix == "." else prefix
 
 
-def _relative_ids(image_dir: Path, prefix: str) -> Iterator[tuple[str, Any]]:
+def _relative_entries(image_dir: Path, prefix: str) -> Iterator[ScanEntry]:
+    """The scan's entries with ids relative to the image root (``prefix/id``)."""
     for entry in scan_images(image_dir):
-        rel = f"{prefix}/{entry.id}" if prefix else entry.id
-        yield rel, (rel, entry.size, entry.mtime_ns)
+        yield ScanEntry(f"{prefix}/{entry.id}", entry.size, entry.mtime_ns) if prefix else entry
 
 
 def enqueue(
@@ -169,19 +169,21 @@ def enqueue(
     registry.r.ping()  # an unreachable broker fails here, before anything is written
     storage, previous, _ = open_destination(out, spec, settings, resume)
     out = storage.url  # a local destination as an absolute path, the same for every worker
-    skip = resume_keys(previous)
+    skip = ResumeKeys.of(previous)
     plan = plan_features(storage, features)
     skip = plan.adjust_skip(skip)
-    gone: list = []
-    if resume or plan.lacking:
+    gone = None
+    if resume or plan.needs_filling:
         # One scan before any chunk: the deletions are checked before anything is sent.
-        scanned = {rel for rel, _ in _relative_ids(image_dir, prefix)}
+        scanned = ScannedSet()
+        for entry in _relative_entries(image_dir, prefix):
+            scanned.add(entry.id)
         if resume:
             gone, known = vanished(previous, scanned, prefix, column="id", same_root=True)
-            check_deletions(len(gone), known, accept_deletions)
-        if plan.lacking:  # images gone now need no features; the others must be here
-            gone_ids = {row["id"] for row in gone}
-            plan.lacking = [row for row in plan.lacking if row["id"] not in gone_ids]
+            check_deletions(gone.num_rows, known, accept_deletions)
+        if plan.needs_filling:  # images gone now need no features; the others must be here
+            if gone is not None:
+                plan.forget(gone["id"])
             plan.check_reachable(scanned, str(image_dir))
         del scanned
     del previous
@@ -198,11 +200,11 @@ def enqueue(
         producer_host=socket.gethostname(),
         dedup_fit=dedup_fit,
     )
-    if gone:
+    if gone is not None and gone.num_rows:
         # Written before the chunks: the job's merge (by the last chunk or the finalize
         # message) includes it.
         registry.set_deleted(job_id, record_deletions(storage, gone, job_id))
-        log.info("job %s: %d images gone from %s marked deleted", job_id, len(gone), image_dir)
+        log.info("job %s: %d images gone from %s marked deleted", job_id, gone.num_rows, image_dir)
     app = make_app(settings)
     skipped = 0
     with app.connection_for_write() as connection:
@@ -228,11 +230,11 @@ def enqueue(
 
         number, paths = 0, []
         try:
-            for rel, key in _relative_ids(image_dir, prefix):
-                if key in skip:
+            for entry, done in skip.split(_relative_entries(image_dir, prefix)):
+                if done:
                     skipped += 1
                     continue
-                paths.append(rel)
+                paths.append(entry.id)
                 if len(paths) == settings.chunk:
                     if stop is not None and stop.is_set():
                         raise KeyboardInterrupt

@@ -1,20 +1,24 @@
 """The search-backend seam: where a destination's codes are held and searched.
 
-``Index`` (ids, per-image facts, persistence, freshness) talks to a ``CodeBackend`` and
-never to a search engine directly.  A backend stores packed codes under integer keys and
-answers the k nearest and the within-a-radius searches by Hamming distance.  Its results
-are plain arrays, one entry per hit, nearest first; ties and ids are the ``Index``'s
-business.  faiss (exact, or HNSW) is the one engine today (``search.faiss_backend``); a
-server-side engine such as Milvus is one new module and one line in ``BACKENDS``: its
-``dump`` can return ``None`` (the engine keeps the data) and ``load`` reconnect.
+``Index`` (the manifest parts it covers, the merge rule, deletions) talks to a
+``CodeBackend`` and never to a search engine directly.  A backend stores packed codes
+under image keys (``encoder.keys``), each with its row (``search.segments.row_schema``:
+the id and the facts a search needs), answers the k nearest and the within-a-radius
+searches by Hamming distance, and **owns its persistence**: ``save`` writes what it has not
+written yet and returns what ``load`` needs to find it again (a server-side engine such
+as Milvus returns where its collection is, and its ``load`` reconnects).  Results are
+plain arrays, nearest first; ties and ids are the ``Index``'s business.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
+
+from encoder.storage import Storage
 
 BACKENDS = {  # index kind -> "module:class"
     "flat": "search.faiss_backend:FaissFlat",
@@ -25,23 +29,37 @@ BACKENDS = {  # index kind -> "module:class"
 class CodeBackend(Protocol):
     kind: str
     exact: bool  # True when searches are exhaustive (every code compared)
+    added: int  # codes handed to the engine by this process (merges included)
 
     def __len__(self) -> int: ...
 
-    def add(self, keys: np.ndarray, codes: np.ndarray) -> None:
-        """Store ``codes`` (``(n, code_bytes)`` uint8) under ``keys`` (``(n,)`` int64)."""
+    def update(self, rows: Any, codes: np.ndarray, remove: np.ndarray) -> None:
+        """Add ``codes`` (``(n, code_bytes)`` uint8) with their ``rows`` (an Arrow table,
+        key first), and forget the codes under ``remove`` and under the added keys;
+        searches see all of it or none."""
         ...
 
-    def remove(self, keys: np.ndarray) -> None:
-        """Forget the codes under ``keys`` (unknown keys are ignored)."""
+    def lookup(self, keys: np.ndarray, columns: list[str] | None = None) -> tuple[np.ndarray, Any]:
+        """Whether each key is held, and the rows of those held, in the order of ``keys``."""
         ...
 
     def codes(self, keys: np.ndarray) -> np.ndarray:
         """The stored codes under ``keys``, in their order (``KeyError`` if one is unknown)."""
         ...
 
-    def search(self, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(distances, keys)``, each ``(n, k)``, nearest first; ``k`` at most ``len``."""
+    def iter_codes(self, batch: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(keys, codes)`` of every stored code, ``batch`` at a time."""
+        ...
+
+    def iter_rows(self, columns: list[str], batch: int = 65536) -> Iterator[Any]:
+        """The rows of every stored code, ``batch`` at a time (Arrow tables)."""
+        ...
+
+    def search(
+        self, codes: np.ndarray, k: int, exact: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(distances, keys)``, each ``(n, k)``, nearest first; key -1 where fewer are
+        held.  ``exact`` compares every code even where the backend is approximate."""
         ...
 
     def within(self, codes: np.ndarray, max_distance: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -49,20 +67,17 @@ class CodeBackend(Protocol):
         ``max_distance`` bits (inclusive), nearest first."""
         ...
 
-    def copy(self) -> CodeBackend:
-        """An independent copy: a search running on this one never sees a half update."""
+    def save(self, storage: Storage, prefix: str) -> dict[str, Any]:
+        """Persist what is not persisted yet; return what ``load`` needs (JSON-able)."""
         ...
 
-    def exact_copy(self) -> CodeBackend:
-        """A copy that searches exhaustively (itself when it already does)."""
+    def load(self, storage: Storage, prefix: str, meta: dict[str, Any]) -> None:
+        """Take back what ``save`` described; ``ValueError`` or ``KeyError`` if damaged."""
         ...
 
-    def dump(self) -> bytes | None:
-        """What to persist with the index (None: the engine keeps the data itself)."""
-        ...
-
-    def load(self, data: bytes | None) -> None:
-        """Take back what ``dump`` gave; ``ValueError`` if it is damaged."""
+    @staticmethod
+    def files(prefix: str, meta: dict[str, Any]) -> list[str]:
+        """The storage keys a ``save`` that returned ``meta`` wrote."""
         ...
 
 

@@ -31,7 +31,6 @@ cannot be measured on it (``TooFewImages``); any earlier fit is kept.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import logging
 import time
@@ -43,12 +42,12 @@ import numpy as np
 
 from encoder.codes import hamming, read_spec
 from encoder.copies import COPY_KINDS, PixelCheck, make_copy, open_picture
-from encoder.features import Encoded, FeaturesMissing, feature_mapper, load_features
+from encoder.features import Encoded, feature_mapper
 from encoder.images import LoadResult
 from encoder.storage import Storage
 from search.catalogue import CatalogueImages
 from search.index import Index
-from search.rescore import Rescore, fit_rescore
+from search.rescore import Rescore, feature_lookup, fit_rescore
 
 log = logging.getLogger("imgenc.search")
 
@@ -152,11 +151,6 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b) / norm if norm > 0 else 0.0
 
 
-def _sample(ids: Sequence[str], fingerprint: str, n: int) -> list[str]:
-    """``n`` ids, the same for the same destination, spread over the whole catalogue."""
-    return sorted(ids, key=lambda i: hashlib.sha256(f"{fingerprint}/{i}".encode()).digest())[:n]
-
-
 def copy_distances(
     index: Index,
     images: ImageSource,
@@ -246,7 +240,7 @@ class _DistinctDistances:
         distinct neighbour closer than the next image's nearest one, the rest cannot
         lower the threshold and keep their nearest distance."""
         index = self.index
-        codes = np.stack([index.code(i) for i in sample])
+        codes = index.codes_of(sample)
         found = index.search(codes, min(NEIGHBOURS + 1, len(index)))
         neighbours = [
             [(d, o) for o, d in zip(n.ids, n.distances, strict=True) if o != me]
@@ -298,14 +292,14 @@ def fit_threshold(
         raise ValueError(f"the false-pair target must be between 0 and 0.5, not {target}")
     kinds = [k for k in kinds if k in COPY_KINDS]
     bits = int(np.prod(spec.code_shape))
-    ids = index.ids
+    sample = index.sample_ids(max(copies_sample, pairs_sample), spec.fingerprint)
     copy_cosines: dict[str, list[float]] = {}
     copies = copy_distances(
         index,
         images,
         encode,
         kinds,
-        _sample(ids, spec.fingerprint, copies_sample),
+        sample[:copies_sample],
         progress,
         stored=features,
         cosines=copy_cosines if features is not None else None,
@@ -315,7 +309,7 @@ def fit_threshold(
         raise TooFewImages("none of the sampled images could be read to make copies of")
     cap = max(measured)
     distinct_finder = _DistinctDistances(index, images, kinds)
-    sample = _sample(ids, spec.fingerprint, pairs_sample)
+    sample = sample[:pairs_sample]
     distinct = np.sort(distinct_finder.measure(sample, target, cap))
     allowed = int(np.floor(target * len(distinct)))  # images that may be paired
     # The largest distance that pairs at most `allowed` images: just below the next one.
@@ -399,9 +393,4 @@ def fit_is_current(index: Index, growth: float = 1.25) -> bool:
 def stored_features(index: Index) -> Callable[[str], np.ndarray] | None:
     """An image's stored float features by id, or None when the destination has none
     (for every ok image)."""
-    try:
-        ids, features = load_features(index.storage)
-    except FeaturesMissing:
-        return None
-    rows = {image_id: row for row, image_id in enumerate(ids.tolist())}
-    return lambda image_id: features[rows[image_id]]
+    return feature_lookup(index)

@@ -4,43 +4,47 @@
 (``search.duplicate_fit``); there is no constant default, since how far copies land
 depends on the model, the layout, the bits and the photos.
 
-1. Every image's neighbours within ``max_distance`` are found through the index, in batches:
-   the ``k`` nearest first, and a search within the radius only for images whose
-   ``k``-th neighbour is still within the threshold (a cluster of many copies).  Memory is
-   O(N·k) plus the pairs found, never N×N.
-2. Groups form around centres: the image with the most neighbours within the threshold
-   (an original among its copies; then the most pixels, the largest file, the smallest
-   id) is kept, and its neighbours not yet in a group join it; then the next.  Every
-   image of a group is within ``max_distance`` of the kept one, so nothing chains: if A–B
-   and B–C are close but A and C are far apart, A and C share a group only with B kept.
+1. **Pairs.**  Every pair of images within ``max_distance`` is found by
+   ``search.near_pairs``: an exact scan for small catalogues and long (spatial) codes,
+   bit-sampling LSH above ``EXACT_LIMIT`` images, which compares candidates sharing
+   random bits instead of every image with every other, and misses a pair at the
+   threshold with probability under 0.5% (nearer pairs far less).  Memory is the codes
+   and the pairs found, never N x N.
+2. **Groups** form around centres: the image with the most neighbours within the
+   threshold (an original among its copies; then the most pixels, the largest file, the
+   smallest id) is kept, and its neighbours not yet in a group join it; then the next.
+   Every image of a group is within ``max_distance`` of the kept one, so nothing chains:
+   if A–B and B–C are close but A and C are far apart, A and C share a group only with B
+   kept.
 3. The others of a group are the files that could go; each row gives its distance to
    the kept image.
 
 Where the destination keeps float features (``--features``) and its fit has a re-scoring
 (``search.rescore``), the pairs near the threshold are decided by the cosine of their
 features before grouping (``features=False``, ``imgenc dedup --no-features``, turns it
-off; a ``max_distance`` given by hand uses the codes alone).
+off; a ``max_distance`` given by hand uses the codes alone).  Only the features of images
+in candidate pairs are read.
 
-Everything is deterministic: the same codes give the same groups in the same order.
+Everything is deterministic: the same codes give the same groups in the same order (the
+LSH tables are drawn from a fixed seed).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from encoder.features import FeaturesMissing, load_features
-from encoder.storage import Storage
 from search.duplicate_fit import DuplicateThreshold, read_threshold
 from search.index import Index
-from search.rescore import Rescore, cosines_of
+from search.near_pairs import NearPairs, close_pairs
+from search.rescore import Rescore, cosines_of, feature_lookup
 
-NEIGHBOURS = 32  # k of the first search per image
-BATCH = 2048  # images searched per backend call
+CODES_BATCH = 1 << 18  # codes read from the index at a time
 
 
 @dataclass
@@ -52,6 +56,7 @@ class DuplicateGroups:
     images: int = 0  # images looked at
     threshold: DuplicateThreshold | None = None  # the fit max_distance came from, if any
     rescored: Rescore | None = None  # the re-scoring applied, if any
+    pairs: str = ""  # how the pairs were found (NearPairs.describe)
 
     @property
     def removable(self) -> list[str]:
@@ -84,6 +89,7 @@ class DuplicateGroups:
             f"{len(self.groups)} groups of near-duplicates ({how}) "
             f"among {self.images} images: {in_groups} images in groups, "
             f"{len(self.removable)} files could go (one kept per group)"
+            + (f"; {self.pairs}" if self.pairs else "")
         )
 
     def to_json(self) -> dict[str, object]:
@@ -92,6 +98,7 @@ class DuplicateGroups:
             "fitted": None if self.threshold is None else asdict(self.threshold),
             "rescored": None if self.rescored is None else asdict(self.rescored),
             "images": self.images,
+            "pairs": self.pairs,
             "groups": [
                 [{"id": image_id, "distance": d} for image_id, d in group] for group in self.groups
             ],
@@ -99,129 +106,130 @@ class DuplicateGroups:
         }
 
 
-def close_pairs(index: Index, max_distance: int, k: int = NEIGHBOURS) -> dict[tuple[int, int], int]:
-    """``(position a, position b) -> distance`` for every pair within ``max_distance``
-    (a < b), found with k-nearest searches, and searches within the radius where k was
-    not enough (a crowd of copies)."""
-    backend = index.backend
-    pairs: dict[tuple[int, int], int] = {}
-    total = len(backend)
-    k = min(k + 1, total)
-    for start in range(0, total, BATCH):
-        keys = np.arange(start, min(total, start + BATCH), dtype=np.int64)
-        codes = backend.codes(keys)
-        distances, found = backend.search(codes, k)
-        # Rows whose k-th neighbour is still close may have more: a radius search gets all.
-        crowded = distances[:, -1] <= max_distance if k < total else np.zeros(len(keys), bool)
-        for row in np.flatnonzero(~crowded):
-            _add_pairs(pairs, int(keys[row]), distances[row], found[row], max_distance)
-        if crowded.any():
-            for row, (near_d, near) in zip(
-                np.flatnonzero(crowded), backend.within(codes[crowded], max_distance), strict=True
-            ):
-                _add_pairs(pairs, int(keys[row]), near_d, near, max_distance)
-    return pairs
-
-
-def _pair(a: int, b: int) -> tuple[int, int]:
-    return (a, b) if a < b else (b, a)
-
-
-def _add_pairs(
-    pairs: dict[tuple[int, int], int],
-    me: int,
-    distances: np.ndarray,
-    keys: np.ndarray,
-    max_distance: int,
-) -> None:
-    for d, other in zip(distances, keys, strict=True):
-        if other == me or d > max_distance:
-            continue
-        pairs[_pair(me, int(other))] = int(d)
-
-
-def _keep_rank(index: Index, image_id: str) -> tuple[int, int, str]:
-    """Sort key of the image to keep: most pixels, then largest file, then smallest id."""
-    pixels, file_bytes, _ = index.image(image_id)
-    return (-pixels, -file_bytes, image_id)
+def all_codes(index: Index) -> tuple[np.ndarray, np.ndarray]:
+    """``(keys, codes)`` of every indexed image, in one array each."""
+    keys, codes = [], []
+    for k, c in index.backend.iter_codes(CODES_BATCH):
+        keys.append(k)
+        codes.append(c)
+    if not keys:
+        return np.zeros(0, np.int64), np.zeros((0, index.code_bytes), np.uint8)
+    return np.concatenate(keys), np.concatenate(codes)
 
 
 def find_duplicates(
-    index: Index, max_distance: int | None = None, features: bool = True
+    index: Index,
+    max_distance: int | None = None,
+    features: bool = True,
+    method: str = "auto",
+    progress: Callable[[int], None] | None = None,
 ) -> DuplicateGroups:
     """The near-duplicate groups of an index; see the module docstring.  Without
     ``max_distance``, the destination's fitted threshold (``NoThreshold`` if none), and
-    with ``features`` its re-scoring by float features where it has one."""
+    with ``features`` its re-scoring by float features where it has one.  ``method``:
+    how pairs are found (``auto``, ``exact`` or ``lsh``: ``search.near_pairs``)."""
     threshold, rescore = None, None
     if max_distance is None:
         threshold = read_threshold(index.storage, index.spec.fingerprint)
         max_distance = threshold.max_distance
         rescore = threshold.rescoring() if features else None
-    limit = int(np.prod(index.spec.code_shape)) // 2
+    bits = int(np.prod(index.spec.code_shape))
+    limit = bits // 2
     if not 0 <= max_distance <= limit:
         raise ValueError(
             f"max distance must be between 0 and {limit} bits, half the code: unrelated "
             f"codes differ by about that much, so a larger one would group everything"
         )
-    index = index.exact()
-    ids = index.ids
-    pairs = rescored_pairs(index, max_distance, rescore) if rescore else None
-    if pairs is None:
-        rescore, pairs = None, close_pairs(index, max_distance)
-    neighbours: dict[int, list[int]] = {}
-    for a, b in pairs:
-        neighbours.setdefault(a, []).append(b)
-        neighbours.setdefault(b, []).append(a)
+    keys, codes = all_codes(index)
+    lookup = feature_lookup(index) if rescore is not None else None
+    if lookup is None:
+        rescore = None
+    reach = min(limit, max(max_distance, rescore.max_distance)) if rescore else max_distance
+    pairs = close_pairs(codes, reach, bits, method=method, progress=progress)
+    del codes
+    a, b, d = pairs.a, pairs.b, pairs.distance.astype(np.int64)
+    if rescore is not None and lookup is not None:
+        keep = _rescored(rescore, lookup, keys, a, b, d)
+    else:
+        keep = d <= max_distance
+    a, b, d = a[keep], b[keep], d[keep]
+    groups = group_pairs(index, keys, a, b, d)
+    return DuplicateGroups(max_distance, groups, len(keys), threshold, rescore, _describe(pairs))
+
+
+def _describe(pairs: NearPairs) -> str:
+    return pairs.describe()
+
+
+def _rescored(
+    rescore: Rescore, lookup: Any, keys: np.ndarray, a: np.ndarray, b: np.ndarray, d: np.ndarray
+) -> np.ndarray:
+    """Which pairs the re-scoring accepts: within ``sure_distance``, or within its
+    ``max_distance`` at a cosine of at least ``min_cosine``."""
+    accept = d <= rescore.sure_distance
+    ask = ~accept & (d <= rescore.max_distance)
+    if ask.any():
+        nodes, inverse = np.unique(np.concatenate([a[ask], b[ask]]), return_inverse=True)
+        features = lookup.by_keys(keys[nodes])
+        half = int(ask.sum())
+        similarity = cosines_of(features, inverse[:half], inverse[half:])
+        accept[np.flatnonzero(ask)] = similarity >= rescore.min_cosine
+    return accept
+
+
+def group_pairs(
+    index: Index, keys: np.ndarray, a: np.ndarray, b: np.ndarray, d: np.ndarray
+) -> list[list[tuple[str, int]]]:
+    """Groups around centres (see the module docstring) from pairs of rows of ``keys``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not len(a):
+        return []
+    nodes, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
+    m = len(nodes)
+    half = len(a)
+    src = np.concatenate([inverse[:half], inverse[half:]])
+    dst = np.concatenate([inverse[half:], inverse[:half]])
+    dist = np.concatenate([d, d])
+    found, rows = index.rows(keys[nodes], ["id", "pixels", "file_bytes"])
+    if not found.all():
+        raise KeyError("an image of a pair left the index while it was grouped")
+    id_rank = np.empty(m, np.int64)
+    id_rank[pc.sort_indices(rows["id"]).to_numpy()] = np.arange(m)
+    pixels = rows["pixels"].to_numpy()
+    file_bytes = rows["file_bytes"].to_numpy()
+    degree = np.bincount(src, minlength=m)
+    # Centres first: most neighbours, then most pixels, largest file, smallest id.
+    centres = np.lexsort((id_rank, -file_bytes, -pixels, -degree))
+    by_src = np.lexsort((id_rank[dst], dist, src))
+    dst, dist = dst[by_src], dist[by_src]
+    starts = np.searchsorted(src[by_src], np.arange(m + 1))
+    assigned = np.zeros(m, bool)
+    kept_nodes, members, distances = [], [], []
+    for centre in centres.tolist():
+        if assigned[centre]:
+            continue
+        lo, hi = starts[centre], starts[centre + 1]
+        others = dst[lo:hi]
+        free = ~assigned[others]
+        if not free.any():
+            continue
+        others, to_kept = others[free], dist[lo:hi][free]
+        assigned[centre] = True
+        assigned[others] = True
+        kept_nodes.append(centre)
+        members.append(others)
+        distances.append(to_kept)
+    ids = rows["id"]
+    order = np.argsort(id_rank[np.array(kept_nodes, np.int64)], kind="stable")
     groups = []
-    assigned: set[int] = set()
-    centre_first = sorted(
-        neighbours, key=lambda p: (-len(neighbours[p]), _keep_rank(index, ids[p]))
-    )
-    for kept in centre_first:
-        if kept in assigned:
-            continue
-        others = [p for p in neighbours[kept] if p not in assigned]
-        if not others:
-            continue
-        others.sort(key=lambda p: (pairs[_pair(kept, p)], ids[p]))
-        assigned.update([kept, *others])
-        groups.append([(ids[kept], 0)] + [(ids[p], pairs[_pair(kept, p)]) for p in others])
-    groups.sort(key=lambda g: g[0][0])
-    return DuplicateGroups(max_distance, groups, len(ids), threshold, rescore)
+    for g in order.tolist():
+        names = ids.take(pa.array(np.concatenate([[kept_nodes[g]], members[g]]))).to_pylist()
+        groups.append([(names[0], 0)] + list(zip(names[1:], distances[g].tolist(), strict=True)))
+    return groups
 
 
-def rescored_pairs(
-    index: Index, max_distance: int, rescore: Rescore
-) -> dict[tuple[int, int], int] | None:
-    """The pairs within the re-scoring's reach that it accepts (by distance, or by the
-    cosine of their stored features); None when the destination has no features."""
-    try:
-        feature_ids, features = load_features(index.storage)
-    except FeaturesMissing:
-        return None
-    rows = {image_id: row for row, image_id in enumerate(feature_ids.tolist())}
-    ids = index.ids
-    if any(image_id not in rows for image_id in ids):
-        return None  # the index holds images the features do not (yet)
-    limit = int(np.prod(index.spec.code_shape)) // 2
-    candidates = close_pairs(index, min(limit, max(max_distance, rescore.max_distance)))
-    if not candidates:
-        return {}
-    keys = list(candidates)
-    a = np.array([rows[ids[p]] for p, _ in keys])
-    b = np.array([rows[ids[q]] for _, q in keys])
-    similarity = cosines_of(features, a, b)
-    return {
-        key: candidates[key]
-        for key, c in zip(keys, similarity, strict=True)
-        if rescore.accepts(candidates[key], float(c))
-    }
-
-
-def duplicates(dest: str | Storage, max_distance: int | None = None) -> DuplicateGroups:
+def duplicates(dest: Any, max_distance: int | None = None) -> DuplicateGroups:
     """The near-duplicate groups of a destination (its index is built or updated first)."""
     return find_duplicates(Index.open(dest), max_distance)
-
-
-def write_groups_csv(groups: DuplicateGroups, path: str | Path) -> None:
-    Path(path).write_text(groups.to_csv(), encoding="utf-8")

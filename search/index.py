@@ -1,21 +1,25 @@
 """``Index``: the nearest stored codes of a destination, by Hamming distance.
 
-``Index.open(DEST)`` reads the destination's spec and indexes every ``ok`` code (the
-manifest parts merged as ``encoder.manifest`` merges them: one row per image).  The codes
-are held and searched by a ``search.backend.CodeBackend`` (faiss: exact by default,
-``kind="hnsw"`` for an approximate graph, faster for large collections); the index keeps
-the image ids (an image's key is its position in ``ids``), the per-image facts and the
-persistence, and never touches the engine itself.
+``Index.open(DEST)`` reads the destination's spec and indexes every ``ok`` code, one per
+image as the manifest merge keeps them.  The codes are held and searched by a
+``search.backend.CodeBackend`` (faiss: exact by default, ``kind="hnsw"`` for approximate
+graphs, faster for large collections), under each image's **key** (``encoder.keys``: a
+hash of its id, which never changes while the image stays in the catalogue).
 
-The index persists under ``DEST/index/``: ``meta.json`` (the spec fingerprint, the kind,
-and the version of every manifest part it covers), then ``<generation>.faiss`` (what the
-backend dumps), ``<generation>.ids.json`` and ``<generation>.facts.npz``.  ``open`` and
-``refresh`` compare the parts with what the index covers: new parts are added
-incrementally; a part rewritten, or an indexed image encoded again or recorded
-``deleted`` (by a ``--resume`` that found it gone), rebuilds a new generation from the
-merged parts, so a deleted image leaves ``search``, ``similar``, the near-duplicates and
-the thumbnails at the next ``open`` or ``refresh``.  The index is never silently stale:
-``stale`` says whether the destination moved on since the last ``refresh``.
+**Keeping up.**  The index records the version of every manifest part it covers.
+``refresh`` (and ``open``) reads only the parts that are new since, a few hundred
+thousand rows at a time, and applies the merge rule to what it holds: a newer ``ok`` row
+of an indexed image (encoded again) removes its old code and adds the new one, a newer
+``deleted`` row removes it; nothing else is touched or copied (the backend adds a
+segment and tombstones: ``search.segments``).  Only a part rewritten in place (a chunk
+redelivered after its part was indexed) rebuilds the index, from the merged manifest.
+Deleted images leave ``search``, ``similar``, the near-duplicates and the thumbnails at
+the next ``open`` or ``refresh``; ``stale`` says whether the destination moved on.
+
+**On disk**, under ``DEST/index/``: what the backend saves (faiss segments and their
+tombstones), ``gone-<token>.npz`` (the keys of deleted images with the time they went,
+which the merge rule needs), and ``meta.json`` last (the spec fingerprint, the kind, the
+parts covered).  A save writes only what is new.
 
 Results are ordered by distance, ties broken by id, so exact search equals a brute-force
 Hamming ranking whatever the order codes were added in.
@@ -30,27 +34,31 @@ import secrets
 import threading
 import time
 import zipfile
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from encoder.codes import codes_at, read_spec
-from encoder.manifest import DELETED, OK, PARTS_PREFIX, Row, RowMerge, csv_to_rows
+from encoder.keys import image_key, image_keys, salted_order
+from encoder.manifest import DELETED, OK, part_keys, read_parts
+from encoder.merged import merged_manifest_file, with_order
 from encoder.spec import CodeSpec
 from encoder.storage import Storage, StorageError, open_storage
 from search.backend import BACKENDS, CodeBackend, new_backend
 
 log = logging.getLogger("imgenc.search")
 
-FORMAT = 2  # 2: codes under keys (faiss IndexBinaryIDMap2)
+FORMAT = 3  # 3: segments under stable keys
 INDEX_PREFIX = "index"
 META_KEY = f"{INDEX_PREFIX}/meta.json"
 KINDS = tuple(BACKENDS)
 DEFAULT_HNSW_M = 32  # graph neighbours per node
 TIE_MARGIN = 16  # extra neighbours fetched to break ties at the k-th distance by id
+PARTS_PER_STEP = 256  # new manifest parts applied at a time
+NO_TIME = -(2**63)
+MANIFEST_COLUMNS = ["id", "path", "status", "encoded_at", "shard", "row", "width", "height", "size"]
 
 
 @dataclass
@@ -64,52 +72,80 @@ class Neighbours:
         return [{"id": i, "distance": d} for i, d in zip(self.ids, self.distances, strict=True)]
 
 
-class StoredImage(NamedTuple):
-    """What the index keeps of an ok manifest row: where its code is, and what the
-    near-duplicate keep rule and the thumbnails need."""
+@dataclass(frozen=True)
+class Gone:
+    """Keys of deleted images and when they went (sorted by key)."""
 
-    id: str
-    shard: str
-    row: int
-    pixels: int  # width x height as stored (0 when unknown)
-    file_bytes: int
-    root: str  # the image root it was encoded under (its path without its id)
+    keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    times: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def times_of(self, keys: np.ndarray) -> np.ndarray:
+        if not len(self.keys):
+            return np.full(len(keys), NO_TIME, np.int64)
+        at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return np.where(self.keys[at] == keys, self.times[at], NO_TIME)
+
+    def updated(self, drop: np.ndarray, keys: np.ndarray, times: np.ndarray) -> Gone:
+        keep = ~np.isin(self.keys, np.concatenate([drop, keys]))
+        all_keys = np.concatenate([self.keys[keep], keys])
+        all_times = np.concatenate([self.times[keep], times])
+        order = np.argsort(all_keys, kind="stable")
+        return Gone(all_keys[order], all_times[order])
 
 
-@dataclass
-class _Facts:
-    """Per-position arrays of what ``StoredImage`` holds beyond the code: a few bytes per
-    image instead of a manifest row's dict."""
+def image_rows(table: Any) -> Any:
+    """Manifest rows (``MANIFEST_COLUMNS``, and ``key``) as the rows a backend keeps
+    (``search.segments.row_schema``)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
-    pixels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    file_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    root_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
-    roots: list[str] = field(default_factory=list)
+    from search.segments import row_schema
 
-    def extended(self, images: list[StoredImage]) -> _Facts:
-        roots = list(self.roots)
-        known = {r: i for i, r in enumerate(roots)}
-        for image in images:
-            if image.root not in known:
-                known[image.root] = len(roots)
-                roots.append(image.root)
-        return _Facts(
-            np.concatenate([self.pixels, np.array([i.pixels for i in images], np.int64)]),
-            np.concatenate([self.file_bytes, np.array([i.file_bytes for i in images], np.int64)]),
-            np.concatenate([self.root_index, np.array([known[i.root] for i in images], np.int32)]),
-            roots,
+    keys = table["key"] if "key" in table.column_names else pa.array(image_keys(table["id"]))
+    width = pc.fill_null(table["width"], 0)
+    height = pc.fill_null(table["height"], 0)
+    columns = {
+        "key": keys,
+        "id": table["id"],
+        "time": pc.fill_null(table["encoded_at"].cast(pa.int64()), NO_TIME),
+        "pixels": pc.multiply(width, height),
+        "file_bytes": pc.fill_null(table["size"], 0),
+        "root": pc.dictionary_encode(image_roots(table["path"], table["id"])),
+        "shard": pc.dictionary_encode(table["shard"]),
+        "row": pc.fill_null(table["row"], 0),
+    }
+    return pa.table(columns).cast(row_schema())
+
+
+def image_roots(paths: Any, ids: Any) -> Any:
+    """Each image's root: its path without ``/id`` ("/" for a path ``/id``; "" when the
+    path does not end with the id), computed once per distinct root length."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    paths, ids = (
+        c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c
+        for c in (pc.fill_null(paths, ""), ids)
+    )
+    lengths = pc.subtract(pc.utf8_length(paths), pc.add(pc.utf8_length(ids), 1))
+    lengths = pc.fill_null(lengths, -1).to_numpy(zero_copy_only=False)
+    positions, pieces = [], []
+    for length in np.unique(lengths).tolist():
+        where = np.flatnonzero(lengths == length)
+        positions.append(where)
+        if length < 0:
+            pieces.append(pa.array([""] * len(where), pa.string()))
+            continue
+        mine = paths.take(pa.array(where))
+        root = pc.utf8_slice_codeunits(mine, 0, length) if length else pa.scalar("/")
+        rebuilt = pc.binary_join_element_wise(
+            pc.utf8_slice_codeunits(mine, 0, length), ids.take(pa.array(where)), "/"
         )
-
-
-@dataclass
-class _State:
-    """What a search reads, swapped as a whole when the index changes."""
-
-    backend: CodeBackend
-    ids: list[str]
-    positions: dict[str, int]
-    parts: dict[str, str]  # manifest part key -> version covered
-    facts: _Facts
+        pieces.append(pc.if_else(pc.equal(mine, rebuilt), root, ""))
+    if not pieces:
+        return pa.array([], pa.string())
+    order = np.argsort(np.concatenate(positions), kind="stable")
+    return pa.concat_arrays(pieces).take(pa.array(order))
 
 
 class Index:
@@ -127,10 +163,14 @@ class Index:
         self.kind = kind
         self.hnsw_m = hnsw_m
         self.code_bytes = spec.bytes_per_code
-        self._state = _State(self._new_backend(), [], {}, {}, _Facts())
+        self._backend = self._new_backend()
+        self._parts: dict[str, str] = {}
+        self._gone = Gone()
+        self._saved_gone: tuple[str | None, int] = (None, 0)
         self._lock = threading.Lock()  # one refresh at a time
         self.generation = ""
         self.updated_at = 0.0
+        self.collisions = 0  # ids left out because another id has their key
         self._embedded: Any = None
         self.origin = "built"  # or "loaded" from DEST/index/, or "updated" after loading
 
@@ -167,70 +207,151 @@ class Index:
     @property
     def stale(self) -> bool:
         """True when the destination holds manifest parts this index does not cover."""
-        return self.storage.list_versions(PARTS_PREFIX) != self._state.parts
+        return part_keys(self.storage) != self._parts
 
     def refresh(self, save: bool = True) -> bool:
         """Cover what the destination holds now; returns whether anything changed."""
         with self._lock:
-            current = self.storage.list_versions(PARTS_PREFIX)
-            state = self._state
-            if current == state.parts:
+            current = part_keys(self.storage)
+            if current == self._parts:
                 return False
-            rewritten = [k for k, v in state.parts.items() if current.get(k) != v]
-            new_keys = [k for k in current if k not in state.parts]
-            touched: set[str] = set()
-            new_images = _ok_images(self.storage, new_keys, touched)
-            # An indexed image encoded again or recorded deleted: rebuild from the merged
-            # parts (HNSW cannot remove, and a removal would shift the flat positions).
-            if rewritten or any(i in state.positions for i in touched):
-                self._state = self._build(current)
+            rewritten = [k for k, v in self._parts.items() if current.get(k) != v]
+            if rewritten or not self._parts:
+                if rewritten:
+                    log.info(
+                        "index of %s: %d parts rewritten since (first %s); rebuilding",
+                        self.storage.url, len(rewritten), rewritten[0],
+                    )  # fmt: skip
+                self._build()
             else:
-                self._state = self._extend(state, new_images, current)
+                new = [k for k in current if k not in self._parts]
+                for start in range(0, len(new), PARTS_PER_STEP):
+                    step = new[start : start + PARTS_PER_STEP]
+                    self._apply(read_parts(self.storage, step))
+                    self._parts.update((k, current[k]) for k in step)
             self.generation = secrets.token_hex(6)
             self.updated_at = time.time()
             if save:
                 self.save()
             return True
 
-    def _build(self, parts: dict[str, str]) -> _State:
-        images = _ok_images(self.storage, list(parts))
-        state = _State(self._new_backend(), [], {}, {}, _Facts())
-        return self._extend(state, images, parts)
+    def _build(self) -> None:
+        """Index the merged manifest from scratch (it is merged now if not current)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
 
-    def _extend(self, state: _State, images: list[StoredImage], parts: dict[str, str]) -> _State:
-        """A new state: ``state`` plus the codes of ``images`` (none of them indexed yet)."""
-        ids = state.ids + [i.id for i in images]
-        positions = dict(state.positions)
-        positions.update((image.id, len(state.ids) + n) for n, image in enumerate(images))
-        backend = state.backend
-        if images:
-            codes = codes_at(self.storage, self.spec, [(i.shard, i.row) for i in images])
-            # Add to a copy: searches running on the current state never see a half-added index.
-            backend = backend.copy()
-            backend.add(np.arange(len(state.ids), len(ids), dtype=np.int64), codes)
-        return _State(backend, ids, positions, parts, state.facts.extended(images))
+        tables, gone_keys, gone_times = [], [], []
+        with merged_manifest_file(self.storage) as (path, info):
+            columns = [*MANIFEST_COLUMNS, "key"]
+            for batch in pq.ParquetFile(str(path)).iter_batches(columns=columns):
+                batch = pa.Table.from_batches([batch])
+                deleted = batch.filter(pc.equal(batch["status"], DELETED))
+                if deleted.num_rows:
+                    gone_keys.append(deleted["key"].to_numpy())
+                    gone_times.append(
+                        pc.fill_null(deleted["encoded_at"].cast(pa.int64()), NO_TIME).to_numpy()
+                    )
+                ok = batch.filter(pc.equal(batch["status"], OK))
+                if ok.num_rows:
+                    tables.append(image_rows(ok))
+            parts = dict(info.parts)
+        rows = pa.concat_tables(tables) if tables else None
+        self._backend = self._new_backend()
+        self.collisions = 0
+        if rows is not None:
+            rows = self._without_collisions(rows)
+            codes = codes_at(self.storage, self.spec, rows["shard"].cast(pa.string()), rows["row"])
+            self._backend.update(rows, codes, np.zeros(0, np.int64))
+        keys = np.concatenate(gone_keys) if gone_keys else np.zeros(0, np.int64)
+        times = np.concatenate(gone_times) if gone_times else np.zeros(0, np.int64)
+        self._gone = Gone().updated(np.zeros(0, np.int64), keys, times)
+        self._parts = parts
+
+    def _without_collisions(self, rows: Any) -> Any:
+        """``rows`` less those whose key another id of ``rows`` already has."""
+        keys = rows["key"].to_numpy()
+        _, first = np.unique(keys, return_index=True)
+        if len(first) == len(keys):
+            return rows
+        keep = np.zeros(len(keys), bool)
+        keep[first] = True
+        dropped = rows.filter(~keep)
+        self.collisions += dropped.num_rows
+        log.warning(
+            "%d images share a key with another (first: %r); they are left out of the index",
+            dropped.num_rows, dropped["id"][0].as_py(),
+        )  # fmt: skip
+        return rows.filter(keep)
+
+    def _apply(self, table: Any) -> None:
+        """Apply manifest rows (read from new parts) to what the index holds."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        presence = table.filter(pc.is_in(table["status"], value_set=pa.array([OK, DELETED])))
+        if not presence.num_rows:
+            return
+        ordered = with_order(presence, 0).sort_by(
+            [("id", "ascending"), ("_time", "ascending"), ("_seq", "ascending")]
+        )
+        ids = ordered["id"]
+        last = np.ones(ordered.num_rows, bool)
+        if ordered.num_rows > 1:
+            last[:-1] = ~pc.equal(ids.slice(0, len(ids) - 1), ids.slice(1)).to_numpy(
+                zero_copy_only=False
+            )
+        latest = ordered.filter(last)  # each image's latest ok or deleted row here
+        keys = image_keys(latest["id"])
+        latest = latest.append_column("key", pa.array(keys))
+        latest = self._without_collisions(latest)
+        keys = latest["key"].to_numpy()
+        times = latest["_time"].to_numpy()
+        found, held = self._backend.lookup(keys, ["id", "time"])
+        held_times = np.full(len(keys), NO_TIME, np.int64)
+        held_times[found] = held["time"].to_numpy()
+        clash = np.zeros(len(keys), bool)
+        clash[found] = ~pc.equal(held["id"], latest["id"].filter(found)).to_numpy(
+            zero_copy_only=False
+        )
+        if clash.any():
+            self.collisions += int(clash.sum())
+            log.warning("%d images share a key with an indexed one; left out", int(clash.sum()))
+        gone_times = self._gone.times_of(keys)
+        now = np.where(found, held_times, gone_times)
+        newer = ~clash & (times >= now)
+        is_ok = pc.equal(latest["status"], OK).to_numpy(zero_copy_only=False)
+        add, deleted = newer & is_ok, newer & ~is_ok
+        added = latest.filter(add)
+        rows = image_rows(added) if added.num_rows else None
+        codes = (
+            codes_at(self.storage, self.spec, added["shard"], added["row"])
+            if added.num_rows
+            else np.zeros((0, self.code_bytes), np.uint8)
+        )
+        self._backend.update(rows, codes, keys[deleted & found])
+        self._gone = self._gone.updated(keys[add], keys[deleted], times[deleted])
 
     def _new_backend(self) -> CodeBackend:
         return new_backend(self.kind, self.code_bytes, hnsw_m=self.hnsw_m)
 
     # --- persistence ----------------------------------------------------------------------
     def save(self) -> None:
-        """Write the index under ``DEST/index/``: data files first, ``meta.json`` last."""
-        state, generation = self._state, self.generation or secrets.token_hex(6)
+        """Write what is new under ``DEST/index/`` (the backend's own files first, then
+        the deleted keys), then ``meta.json``; then remove what no meta names any more."""
+        generation = self.generation or secrets.token_hex(6)
         self.generation = generation
-        data = state.backend.dump()
-        if data is not None:
-            self.storage.put(f"{INDEX_PREFIX}/{generation}.faiss", data)
-        self.storage.put(f"{INDEX_PREFIX}/{generation}.ids.json", json.dumps(state.ids).encode())
-        facts = io.BytesIO()
-        np.savez(
-            facts,
-            pixels=state.facts.pixels,
-            file_bytes=state.facts.file_bytes,
-            root_index=state.facts.root_index,
-            roots=np.array(state.facts.roots, dtype=str),
-        )
-        self.storage.put(f"{INDEX_PREFIX}/{generation}.facts.npz", facts.getvalue())
+        backend_meta = self._backend.save(self.storage, INDEX_PREFIX)
+        gone_key, saved_count = self._saved_gone
+        digest = hash((self._gone.keys.tobytes(), self._gone.times.tobytes()))
+        if not len(self._gone.keys):
+            gone_key = None
+        elif digest != saved_count:
+            gone_key = f"{INDEX_PREFIX}/gone-{secrets.token_hex(6)}.npz"
+            buffer = io.BytesIO()
+            np.savez(buffer, keys=self._gone.keys, times=self._gone.times)
+            self.storage.put(gone_key, buffer.getvalue())
+        self._saved_gone = (gone_key, digest)
         previous = _read_meta(self.storage)
         meta = {
             "format": FORMAT,
@@ -238,15 +359,17 @@ class Index:
             "fingerprint": self.spec.fingerprint,
             "kind": self.kind,
             "hnsw_m": self.hnsw_m,
-            "count": len(state.ids),
+            "count": len(self),
             "code_bytes": self.code_bytes,
-            "parts": state.parts,
+            "parts": self._parts,
+            "backend": backend_meta,
+            "gone": gone_key,
             "saved_at": time.time(),
         }
         self.storage.put(META_KEY, json.dumps(meta, indent=1).encode())
-        if previous and previous.get("generation") not in (None, generation):
-            for suffix in (".faiss", ".ids.json", ".facts.npz"):
-                self.storage.delete(f"{INDEX_PREFIX}/{previous['generation']}{suffix}")
+        if previous:
+            for key in set(_files(previous)) - set(_files(meta)):
+                self.storage.delete(key)
 
     def _load(self, meta: dict[str, Any]) -> bool:
         """Adopt the persisted index if it fits this spec and kind; False otherwise."""
@@ -260,62 +383,142 @@ class Index:
             return False
         backend = self._new_backend()
         try:
-            generation = meta["generation"]
-            ids = json.loads(self.storage.get(f"{INDEX_PREFIX}/{generation}.ids.json"))
-            with np.load(
-                io.BytesIO(self.storage.get(f"{INDEX_PREFIX}/{generation}.facts.npz"))
-            ) as f:
-                facts = _Facts(
-                    f["pixels"], f["file_bytes"], f["root_index"], [str(r) for r in f["roots"]]
-                )
-            backend.load(self.storage.get(f"{INDEX_PREFIX}/{generation}.faiss"))
-        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile):
+            backend.load(self.storage, INDEX_PREFIX, meta["backend"])
+            gone = Gone()
+            if meta.get("gone"):
+                with np.load(io.BytesIO(self.storage.get(meta["gone"]))) as f:
+                    gone = Gone(f["keys"].astype(np.int64), f["times"].astype(np.int64))
+        except (
+            KeyError,
+            ValueError,
+            TypeError,
+            OSError,
+            EOFError,
+            RuntimeError,
+            zipfile.BadZipFile,
+        ):
             return False  # damaged or partly written: rebuild
-        if not len(backend) == len(ids) == meta.get("count") == len(facts.pixels):
+        if len(backend) != meta.get("count"):
             return False
-        parts = dict(meta.get("parts", {}))
-        positions = {image_id: i for i, image_id in enumerate(ids)}
-        self._state = _State(backend, ids, positions, parts, facts)
-        self.generation = generation
+        self._backend = backend
+        self._gone = gone
+        self._saved_gone = (meta.get("gone"), hash((gone.keys.tobytes(), gone.times.tobytes())))
+        self._parts = dict(meta.get("parts", {}))
+        self.generation = meta["generation"]
         self.updated_at = float(meta.get("saved_at", 0.0))
         return True
 
-    # --- searching ------------------------------------------------------------------------
+    # --- what it holds ----------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._state.ids)
+        return len(self._backend)
 
     def __contains__(self, image_id: object) -> bool:
-        return image_id in self._state.positions
+        return isinstance(image_id, str) and self._row(image_id) is not None
+
+    def _row(self, image_id: str, columns: list[str] | None = None) -> dict[str, Any] | None:
+        found, rows = self._backend.lookup(np.array([image_key(image_id)]), columns)
+        if not found[0]:
+            return None
+        row = rows.to_pylist()[0]
+        if columns and "id" not in columns:
+            return row
+        return row if row["id"] == image_id else None
 
     @property
     def ids(self) -> list[str]:
-        return list(self._state.ids)
+        """Every indexed id, sorted (a list of them all: ``iter_ids`` streams)."""
+        return sorted(i for chunk in self.iter_ids() for i in chunk)
+
+    def iter_ids(self, batch: int = 65536) -> Iterator[list[str]]:
+        """The indexed ids, ``batch`` at a time, in no particular order."""
+        for table in self._backend.iter_rows(["id"], batch):
+            yield table["id"].to_pylist()
+
+    def first_id(self) -> str | None:
+        """One indexed id (None when empty)."""
+        for chunk in self.iter_ids(1):
+            return chunk[0]
+        return None
+
+    def sample_ids(self, n: int, salt: str) -> list[str]:
+        """``n`` ids spread over the whole catalogue, the same for the same ``salt`` and
+        catalogue: those first in ``encoder.keys.salted_order`` (in that order)."""
+        import pyarrow as pa
+
+        best_scores = np.zeros(0, np.uint64)
+        best_ids = pa.array([], pa.string())
+        for table in self._backend.iter_rows(["key", "id"]):
+            scores = np.concatenate([best_scores, salted_order(table["key"].to_numpy(), salt)])
+            ids = pa.concat_arrays([best_ids, table["id"].combine_chunks()])
+            keep = np.argsort(scores, kind="stable")[:n]
+            best_scores, best_ids = scores[keep], ids.take(pa.array(keep))
+        return best_ids.to_pylist()
+
+    def shards(self) -> set[str]:
+        """The shard keys that hold the indexed codes."""
+        import pyarrow.compute as pc
+
+        found: set[str] = set()
+        for table in self._backend.iter_rows(["shard"]):
+            found.update(pc.unique(table["shard"].cast("string")).to_pylist())
+        return found
+
+    def codes_of(self, ids: Sequence[str]) -> np.ndarray:
+        """The stored codes of ``ids`` (``KeyError`` if one is not indexed)."""
+        import pyarrow.compute as pc
+
+        keys = image_keys(list(ids))
+        found, rows = self._backend.lookup(keys, ["id"])
+        if not found.all() or not pc.all(pc.equal(rows["id"], list(ids))).as_py():
+            missing = [i for i, f in zip(ids, found, strict=True) if not f]
+            raise KeyError(missing[0] if missing else "an id sharing its key with another")
+        return self._backend.codes(keys) if len(keys) else np.zeros((0, self.code_bytes), np.uint8)
 
     def image(self, image_id: str) -> tuple[int, int, str]:
         """``(pixels, file bytes, image root)`` of an indexed image (``KeyError`` if none)."""
-        state = self._state
-        position = state.positions[image_id]
-        facts = state.facts
-        root = facts.roots[facts.root_index[position]]
-        return int(facts.pixels[position]), int(facts.file_bytes[position]), root
+        row = self._row(image_id, ["id", "pixels", "file_bytes", "root"])
+        if row is None:
+            raise KeyError(image_id)
+        return int(row["pixels"]), int(row["file_bytes"]), row["root"] or ""
+
+    def rows(self, keys: np.ndarray, columns: list[str]) -> tuple[np.ndarray, Any]:
+        """Whether each key is indexed, and the rows (``columns``) of those that are."""
+        return self._backend.lookup(np.asarray(keys, np.int64), columns)
+
+    def locations(self, ids: Sequence[str]) -> tuple[Any, np.ndarray]:
+        """Where the codes (and features) of ``ids`` are: shard keys and rows."""
+        import pyarrow.compute as pc
+
+        found, rows = self._backend.lookup(image_keys(ids), ["id", "shard", "row"])
+        if not found.all() or not pc.all(pc.equal(rows["id"], list(ids))).as_py():
+            missing = [i for i, f in zip(ids, found, strict=True) if not f]
+            raise KeyError(missing[0] if missing else "an id sharing its key with another")
+        return rows["shard"].cast("string"), rows["row"].to_numpy()
 
     def code(self, image_id: str) -> np.ndarray:
         """The stored (unpadded) code of ``image_id``; ``KeyError`` if it is not indexed."""
-        state = self._state
-        return state.backend.codes(np.array([state.positions[image_id]]))[0]
+        if self._row(image_id, ["id"]) is None:
+            raise KeyError(image_id)
+        return self._backend.codes(np.array([image_key(image_id)]))[0]
 
-    def search(self, codes: np.ndarray, k: int = 10) -> list[Neighbours]:
+    @property
+    def backend(self) -> CodeBackend:
+        """The codes, under image keys (for searches over stored codes)."""
+        return self._backend
+
+    # --- searching ------------------------------------------------------------------------
+    def search(self, codes: np.ndarray, k: int = 10, exact: bool = False) -> list[Neighbours]:
         """The ``k`` nearest stored codes to each of ``codes`` (``(n, bytes_per_code)``
-        packed uint8), nearest first, ties broken by id."""
+        packed uint8), nearest first, ties broken by id (``exact`` compares every code
+        even in an HNSW index)."""
         codes = np.atleast_2d(np.asarray(codes, np.uint8))
         if codes.shape[1] != self.code_bytes:
             raise ValueError(f"codes of {codes.shape[1]} bytes; this index holds {self.code_bytes}")
-        return self._search(self._state, codes, k)
+        return self._search(codes, k, exact)
 
     def similar(self, image_id: str, k: int = 10) -> Neighbours:
         """The ``k`` nearest other images to an indexed one (``KeyError`` if unknown)."""
-        state = self._state
-        found = self._search(state, self.code(image_id)[None], k + 1)[0]
+        found = self._search(self.code(image_id)[None], k + 1, False)[0]
         keep = [i for i, other in enumerate(found.ids) if other != image_id][:k]
         return Neighbours([found.ids[i] for i in keep], [found.distances[i] for i in keep])
 
@@ -346,44 +549,37 @@ class Index:
             )
         return self._embedded
 
-    def _search(self, state: _State, queries: np.ndarray, k: int) -> list[Neighbours]:
-        total = len(state.backend)
+    def _search(self, queries: np.ndarray, k: int, exact: bool) -> list[Neighbours]:
+        backend = self._backend
+        total = len(backend)
         k = min(k, total)
         if k <= 0 or queries.shape[0] == 0:
             return [Neighbours() for _ in range(queries.shape[0])]
         fetch = min(total, k + TIE_MARGIN)
         while True:
-            distances, positions = state.backend.search(queries, fetch)
+            distances, keys = backend.search(queries, fetch, exact=exact)
             # Fetch more where the k-th distance ties with the last one fetched.
-            if fetch >= total or not (distances[:, k - 1] == distances[:, fetch - 1]).any():
+            width = distances.shape[1]
+            if (
+                fetch >= total
+                or width < fetch
+                or not (distances[:, k - 1] == distances[:, width - 1]).any()
+            ):
                 break
             fetch = min(total, fetch * 4)
+        held = np.unique(keys[keys >= 0])
+        found, rows = backend.lookup(held, ["id"])
+        names = dict(zip(held[found].tolist(), rows["id"].to_pylist(), strict=True))
         results = []
-        for row_d, row_p in zip(distances, positions, strict=True):
+        for row_d, row_k in zip(distances, keys, strict=True):
             pairs = sorted(
-                (int(d), state.ids[p]) for d, p in zip(row_d, row_p, strict=True) if p >= 0
+                (int(d), names[int(key)]) for d, key in zip(row_d, row_k, strict=True) if key >= 0
             )[:k]
             results.append(Neighbours([i for _, i in pairs], [d for d, _ in pairs]))
         return results
 
-    @property
-    def backend(self) -> CodeBackend:
-        """The codes, keyed by position in ``ids`` (for searches over stored codes)."""
-        return self._state.backend
-
-    def exact(self) -> Index:
-        """This index, or for HNSW an exact (flat) copy of the same codes, ids and rows."""
-        if self._state.backend.exact:
-            return self
-        state = self._state
-        flat = Index(self.storage, self.spec, "flat")
-        flat._state = _State(
-            state.backend.exact_copy(), state.ids, state.positions, state.parts, state.facts
-        )
-        flat.generation = self.generation
-        return flat
-
     def describe(self) -> dict[str, Any]:
+        segments = self._backend.segments.segments if hasattr(self._backend, "segments") else ()
         return {
             "images": len(self),
             "kind": self.kind,
@@ -393,6 +589,8 @@ class Index:
             "backbone": self.spec.backbone,
             "generation": self.generation,
             "origin": self.origin,
+            "segments": len(segments),
+            "deleted": len(self._gone.keys),
         }
 
 
@@ -403,52 +601,16 @@ def _read_meta(storage: Storage) -> dict[str, Any] | None:
         return None
 
 
-def _ok_images(
-    storage: Storage, part_keys: Sequence[str], touched: set[str] | None = None
-) -> list[StoredImage]:
-    """The images of these manifest parts whose row, one per image as the manifest merge
-    keeps them (``encoder.manifest.RowMerge``: ok and deleted by time, a failure never
-    over ok), is ok; sorted by id.  Parts are read 16 at a time and reduced to what the
-    index keeps as they are parsed, so memory holds a few parts' rows at most, never the
-    whole manifest as dicts.  ``touched``, when given, receives the id of every ``ok`` or
-    ``deleted`` row read (what may change an image already indexed)."""
-    merge: RowMerge[StoredImage | None] = RowMerge()
-
-    def parse(key: str) -> list[tuple[str, str, str, StoredImage | None]]:
-        return [
-            (
-                row["id"],
-                row["status"],
-                row.get("encoded_at", ""),
-                _stored_image(row) if row["status"] == OK else None,
-            )
-            for row in csv_to_rows(storage.get(key))
-        ]
-
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        for start in range(0, len(part_keys), 16):
-            for part in pool.map(parse, part_keys[start : start + 16]):
-                for image_id, status, encoded_at, image in part:
-                    merge.add(image_id, status, encoded_at, image)
-                    if touched is not None and status in (OK, DELETED):
-                        touched.add(image_id)
-    return [image for _, ok, image in merge.winners() if ok and image is not None]
-
-
-def _stored_image(row: Row) -> StoredImage:
-    def number(name: str) -> int:
-        try:
-            return int(row.get(name) or 0)
-        except ValueError:
-            return 0
-
-    image_id, path = row["id"], row.get("path", "")
-    root = path[: -len(image_id) - 1] if path.endswith("/" + image_id) else ""
-    return StoredImage(
-        image_id,
-        row["shard"],
-        int(row["row"]),
-        number("width") * number("height"),
-        number("size"),
-        root or ("/" if path == "/" + image_id else ""),
-    )
+def _files(meta: dict[str, Any]) -> list[str]:
+    """The files of a saved index that ``meta`` names (of this format or the one before)."""
+    if meta.get("format") == FORMAT:
+        kind = meta.get("kind", "flat")
+        backend_cls = new_backend(kind, 8).__class__ if kind in BACKENDS else None
+        files = backend_cls.files(INDEX_PREFIX, meta.get("backend", {})) if backend_cls else []
+        return files + ([meta["gone"]] if meta.get("gone") else [])
+    generation = meta.get("generation")
+    if not generation:
+        return []
+    return [
+        f"{INDEX_PREFIX}/{generation}{suffix}" for suffix in (".faiss", ".ids.json", ".facts.npz")
+    ]

@@ -61,6 +61,54 @@ class Rescore:
         )
 
 
+class FeatureLookup:
+    """The stored float features of indexed images, read where they are (by the index's
+    shard and row of each), a batch at a time; single ids are cached."""
+
+    def __init__(self, index: Any) -> None:
+        self.index = index
+        self._cache: dict[str, np.ndarray] = {}
+
+    def by_keys(self, keys: np.ndarray) -> np.ndarray:
+        """``(n, channels)`` features of the images under ``keys`` (all indexed)."""
+        from encoder.features import features_at
+
+        found, rows = self.index.rows(keys, ["shard", "row"])
+        if not found.all():
+            raise KeyError("an image is no longer indexed")
+        return features_at(self.index.storage, rows["shard"].cast("string"), rows["row"].to_numpy())
+
+    def prefetch(self, ids: Sequence[str]) -> None:
+        from encoder.features import features_at
+
+        wanted = sorted({i for i in ids if i not in self._cache})
+        if wanted:
+            shards, rows = self.index.locations(wanted)
+            for image_id, row in zip(
+                wanted, features_at(self.index.storage, shards, rows), strict=True
+            ):
+                self._cache[image_id] = row
+
+    def __call__(self, image_id: str) -> np.ndarray:
+        if image_id not in self._cache:
+            self.prefetch([image_id])
+        return self._cache[image_id]
+
+
+def feature_lookup(index: Any) -> FeatureLookup | None:
+    """A ``FeatureLookup`` when the destination keeps features for every indexed image
+    (its spec says so and no indexed shard lacks its features file), else None."""
+    from encoder.codes import read_spec
+    from encoder.features import FEATURES_PREFIX, features_key
+
+    if not read_spec(index.storage).features or not len(index):
+        return None
+    present = set(index.storage.list(FEATURES_PREFIX))
+    if any(features_key(shard) not in present for shard in index.shards()):
+        return None
+    return FeatureLookup(index)
+
+
 def cosines_of(features: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosines between rows ``a`` and rows ``b`` of ``features`` (float16 stored)."""
     x = np.asarray(features[a], np.float32)
@@ -84,12 +132,14 @@ def fit_rescore(
     kinds = [k for k in copies if copies[k] and len(copy_cosines.get(k, [])) == len(copies[k])]
     if not kinds or not sample:
         return None
-    codes = np.stack([index.code(i) for i in sample])
+    codes = index.codes_of(sample)
     found = index.search(codes, min(NEIGHBOURS + 1, len(index)))
     neighbours = [
         [(int(d), o) for o, d in zip(n.ids, n.distances, strict=True) if o != me]
         for me, n in zip(sample, found, strict=True)
     ]
+    if hasattr(features, "prefetch"):
+        features.prefetch([*sample, *(o for n in neighbours for _, o in n)])
     nearest = np.array([n[0][0] if n else cap + 1 for n in neighbours])
     half = int(np.prod(index.spec.code_shape)) // 2
     radius = int(max(threshold, min(cap, half, np.quantile(nearest, CANDIDATE_SHARE))))

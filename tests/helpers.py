@@ -566,10 +566,9 @@ def audit(dest: str, enqueued: list[str], registry, job_ids: list[str], logs: li
     - ``re_executions``: deliveries beyond the first, from the registry's attempt counts;
     - ``chunks_completed_twice``: chunks whose completion two worker log lines report.
     """
-    from encoder.manifest import read_manifest
-    from encoder.storage import open_storage
+    from encoder.merged import read_manifest
 
-    manifest_ids = {r["id"] for r in read_manifest(open_storage(dest))}
+    manifest_ids = set(read_manifest(dest, ["id"])["id"].to_pylist())
     written = written_rows(dest)
     attempts = chunks = 0
     for job_id in job_ids:

@@ -43,7 +43,7 @@ def test_encode_writes_shards_manifest_and_spec_and_continues_past_bad_files(mix
     for status in ("empty", "not_an_image", "truncated"):
         assert f"{status:<14} 1" in run.stdout
 
-    manifest = pd.read_csv(out / "manifest.csv")
+    manifest = pd.read_parquet(out / "manifest.parquet")
     assert {"path", "sha256", "status", "error", "shard", "row"} <= set(manifest.columns)
     assert len(manifest) == 9 and written_rows(str(out)) == Counter(manifest["id"])
     assert (manifest.status == "ok").sum() == 6
@@ -216,7 +216,7 @@ def test_ctrl_c_leaves_only_whole_shards_in_the_manifest_and_resume_finishes(tmp
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, f"{seen}\n{err}"
-    manifest = pd.read_csv(out / "manifest.csv")
+    manifest = pd.read_parquet(out / "manifest.parquet")
     assert 0 < len(manifest) < CTRL_C_IMAGES
     ids, codes = load_codes(out)  # every row named in the manifest has its code on disk
     assert len(ids) == len(manifest)
@@ -237,7 +237,7 @@ def test_ctrl_c_leaves_only_whole_shards_in_the_manifest_and_resume_finishes(tmp
         "--no-progress",
     )
     assert run.returncode == 0, run.stderr
-    manifest = pd.read_csv(out / "manifest.csv")
+    manifest = pd.read_parquet(out / "manifest.parquet")
     assert len(manifest) == CTRL_C_IMAGES and (manifest.status == "ok").all()
     written = written_rows(str(out))  # the interrupted run's rows, then the rest: none twice
     assert sum(written.values()) == CTRL_C_IMAGES and set(written.values()) == {1}

@@ -10,16 +10,18 @@ import os
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from encoder.deletions import (
     MIN_DELETED_REFUSED,
+    ScannedSet,
     TooManyDeletions,
     check_deletions,
     vanished,
 )
-from encoder.manifest import StatusTotals, deduplicate, read_manifest
-from encoder.storage import open_storage
+from encoder.manifest import StatusTotals
+from encoder.merged import merged_rows, read_manifest
 from search import Index, find_duplicates
 from tests.helpers import (
     STUB,
@@ -42,9 +44,20 @@ def row(image_id: str, status: str, at: str, **extra: str) -> dict[str, str]:
 
 def merged(*rows: dict[str, str]) -> dict[str, str]:
     """The winning row, checked to be the same whatever the order of the parts."""
-    winners = {tuple(sorted(deduplicate(list(p))[0].items())) for p in itertools.permutations(rows)}
+    winners = {tuple(sorted(merged_rows(list(p))[0].items())) for p in itertools.permutations(rows)}
     assert len(winners) == 1, f"the merge depends on the order of the rows: {winners}"
-    return deduplicate(list(rows))[0]
+    return merged_rows(list(rows))[0]
+
+
+def manifest_table(rows: list[dict[str, str]]) -> pa.Table:
+    return pa.Table.from_pylist([{k: r.get(k, "") for k in ("id", "path", "status")} for r in rows])
+
+
+def scanned(*values: str) -> ScannedSet:
+    found = ScannedSet()
+    for value in values:
+        found.add(value)
+    return found
 
 
 # --- the merge rule --------------------------------------------------------------------------
@@ -96,11 +109,12 @@ def test_only_ids_under_the_scanned_folder_count_as_vanished():
         row("catalogue/shoes2/d.jpg", "ok", "t"),
         row("catalogue/hats/e.jpg", "ok", "t"),
     ]
-    gone, known = vanished(previous, set(), "catalogue/shoes", column="id")
-    assert [r["id"] for r in gone] == ["catalogue/shoes/a.jpg", "catalogue/shoes/b.jpg"]
+    previous = manifest_table(previous)
+    gone, known = vanished(previous, scanned(), "catalogue/shoes", column="id")
+    assert gone["id"].to_pylist() == ["catalogue/shoes/a.jpg", "catalogue/shoes/b.jpg"]
     assert known == 2
-    gone, known = vanished(previous, {"catalogue/shoes/a.jpg"}, "", column="id")
-    assert len(gone) == 3 and known == 4
+    gone, known = vanished(previous, scanned("catalogue/shoes/a.jpg"), "", column="id")
+    assert gone.num_rows == 3 and known == 4
 
 
 def test_ids_read_under_another_root_than_the_images_still_found_do_not_count():
@@ -111,10 +125,11 @@ def test_ids_read_under_another_root_than_the_images_still_found_do_not_count():
         {**row("y.jpg", "ok", "t"), "path": "/a/y.jpg"},
         {**row("z.jpg", "ok", "t"), "path": "/b/z.jpg"},
     ]
-    gone, known = vanished(previous, {"x.jpg"}, "", column="id", same_root=True)
-    assert [r["id"] for r in gone] == ["y.jpg"] and known == 2
-    gone, known = vanished(previous, set(), "", column="id", same_root=True)
-    assert len(gone) == 3 and known == 3  # nothing found: all count, and the rule refuses
+    previous = manifest_table(previous)
+    gone, known = vanished(previous, scanned("x.jpg"), "", column="id", same_root=True)
+    assert gone["id"].to_pylist() == ["y.jpg"] and known == 2
+    gone, known = vanished(previous, scanned(), "", column="id", same_root=True)
+    assert gone.num_rows == 3 and known == 3  # nothing found: all count, and the rule refuses
 
 
 def test_an_empty_folder_or_most_images_gone_at_once_is_refused_unless_accepted():
@@ -155,7 +170,7 @@ def change_catalogue(folder: Path) -> dict[str, str]:
 
 
 def manifest_of(dest: Path | str) -> dict[str, dict[str, str]]:
-    return {r["id"]: r for r in read_manifest(open_storage(str(dest)))}
+    return {r["id"]: r for r in read_manifest(str(dest)).to_pylist()}
 
 
 def assert_search_never_names(index: Index, gone: set[str]) -> None:
@@ -203,11 +218,11 @@ def test_embedded_resume_records_deletions_encodes_new_and_replaced_photos_and_s
 
     # A resume with nothing changed writes nothing; a photo restored is encoded again.
     parts = sorted(p.name for p in (dest / "parts").iterdir())
-    merged_at = (dest / "manifest.csv").stat().st_mtime_ns
+    merged_at = (dest / "manifest.parquet").stat().st_mtime_ns
     unchanged = encode(folder, dest, resume=True)
     assert (unchanged.processed, unchanged.deleted, unchanged.skipped) == (0, 0, 8)
     assert sorted(p.name for p in (dest / "parts").iterdir()) == parts
-    assert (dest / "manifest.csv").stat().st_mtime_ns == merged_at  # not even merged again
+    assert (dest / "manifest.parquet").stat().st_mtime_ns == merged_at  # not even merged again
     write_jpegs(folder, 1, start=1, size=(96, 96))
     assert encode(folder, dest, resume=True).processed == 1
     assert manifest_of(dest)["img_00001.jpg"]["status"] == "ok"
@@ -350,19 +365,23 @@ def test_enqueueing_shoes_never_deletes_the_hats_and_an_emptied_folder_is_refuse
     ]
 
 
-def test_an_hnsw_index_drops_a_deleted_image_at_its_next_refresh_by_a_rebuild(tmp_path):
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_an_index_drops_a_deleted_image_at_its_next_refresh_without_writing_a_code(tmp_path, kind):
     from encoder.deletions import record_deletions
+    from encoder.storage import open_storage
 
     folder, dest = tmp_path / "images", tmp_path / "codes"
     write_jpegs(folder, 6, size=(96, 96))
     encode(folder, dest)
-    index = Index.open(str(dest), kind="hnsw")
-    generation = index.generation
+    index = Index.open(str(dest), kind=kind)
+    generation, written = index.generation, index.backend.added
     storage = open_storage(str(dest))
-    record_deletions(storage, [manifest_of(dest)["img_00002.jpg"]], "test-run")
+    gone = pa.table({"id": ["img_00002.jpg"], "path": [manifest_of(dest)["img_00002.jpg"]["path"]]})
+    record_deletions(storage, gone, "test-run")
     assert index.stale
     assert index.refresh() and not index.stale and index.generation != generation
-    assert index.kind == "hnsw" and len(index) == 5 and "img_00002.jpg" not in index
+    assert index.backend.added == written  # a tombstone: no code written, nothing rebuilt
+    assert index.kind == kind and len(index) == 5 and "img_00002.jpg" not in index
     with pytest.raises(KeyError):
         index.similar("img_00002.jpg")
     assert_search_never_names(index, {"img_00002.jpg"})

@@ -181,9 +181,6 @@ def test_an_older_destination_is_fitted_by_dedup_or_told_the_command_that_fits_i
     assert fit.kinds == ["jpeg"] and fit.images == 115 and fit.copies_sampled >= 90
 
     shutil.rmtree(dest / "dedup")
-    manifest = pd.read_csv(dest / "manifest.csv")
-    manifest["path"] = "/nowhere/" + manifest["id"]  # the images moved away
-    manifest.to_csv(dest / "manifest.csv", index=False)
     for part in (dest / "parts").glob("*.csv"):
         rows = pd.read_csv(part)
         rows["path"] = "/nowhere/" + rows["id"]

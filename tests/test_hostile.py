@@ -165,7 +165,7 @@ def test_every_kind_of_hostile_file_gets_its_own_status_and_the_job_completes(
         peak = w.child_peak_rss_kb()
     finally:
         w.stop()
-    manifest = pd.read_csv(out / "manifest.csv", keep_default_na=False).set_index("id")
+    manifest = pd.read_parquet(out / "manifest.parquet").set_index("id")
     got = manifest["status"].to_dict()
     wrong = {
         name: (got.get(name), status)
@@ -200,7 +200,7 @@ def test_embedded_encode_gives_the_same_statuses(world_readable_tmp, tmp_path):
         "--no-progress",
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    got = pd.read_csv(tmp_path / "o" / "manifest.csv", keep_default_na=False).set_index("id")
+    got = pd.read_parquet(tmp_path / "o" / "manifest.parquet").set_index("id")
     wrong = {n: (got["status"].get(n), s) for n, s in expected.items() if got["status"].get(n) != s}
     assert not wrong, f"(got, expected): {wrong}"
 

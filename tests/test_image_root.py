@@ -58,7 +58,7 @@ def test_producer_and_worker_with_the_same_image_root_encode_a_subfolder(
     env = producer_env(redis_url, IMGENC_IMAGE_ROOT=str(data))
     run = imgenc("enqueue", str(data / "a"), "--out", str(out), "--wait", "--no-progress", env=env)
     assert run.returncode == 0, run.stdout + run.stderr
-    manifest = pd.read_csv(out / "manifest.csv")
+    manifest = pd.read_parquet(out / "manifest.parquet")
     assert (manifest.status == "ok").all() and len(manifest) == 5
     assert sorted(manifest.id) == [f"a/img_{i:05d}.jpg" for i in range(5)]  # relative to /data
     assert "problem:" not in run.stdout
@@ -116,7 +116,7 @@ def test_a_relative_destination_names_the_producers_folder_for_the_workers_too(
             env=env, cwd=tmp_path,
         )  # fmt: skip
         assert run.returncode == 0, run.stdout + run.stderr
-        manifest = pd.read_csv(tmp_path / name / "manifest.csv")
+        manifest = pd.read_parquet(tmp_path / name / "manifest.parquet")
         assert (manifest.status == "ok").all() and len(manifest) == 5
         assert len(list((tmp_path / name / "codes").glob("*.npy"))) == 1
         assert not (REPO / name).exists()  # where the worker (cwd: the checkout) would write

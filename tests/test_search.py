@@ -355,7 +355,7 @@ def test_an_s3_destination_is_indexed_and_its_index_persisted_in_the_bucket(tmp_
 def test_a_damaged_saved_index_is_rebuilt_instead_of_failing(catalogue):
     _, dest = catalogue
     Index.open(str(dest))
-    (saved,) = (dest / "index").glob("*.faiss")
+    (saved,) = (dest / "index" / "segments").glob("*.faiss")
     saved.write_bytes(saved.read_bytes()[:100])
     index = Index.open(str(dest))
     assert index.origin == "built" and len(index) == 60

@@ -142,7 +142,7 @@ def test_a_damaged_weights_package_is_one_line_on_the_command_line(tmp_path):
     errors = [line for line in run.stderr.splitlines() if line.startswith("imgenc: error")]
     assert len(errors) == 1 and WEIGHTS_PACKAGE in errors[0] and "reinstall" in errors[0]
     assert "Traceback" not in run.stderr
-    assert not (tmp_path / "out" / "manifest.csv").exists()
+    assert not (tmp_path / "out" / "manifest.parquet").exists()
 
 
 def test_the_quick_start_search_finds_photos_of_the_same_kind_of_item(tmp_path):

@@ -40,7 +40,7 @@ from celery.utils.log import get_task_logger
 
 from encoder.features import feature_mapper
 from encoder.images import ImageLoader, ImageStatus, LoadResult
-from encoder.manifest import merge_manifest
+from encoder.merged import merge_manifest
 from encoder.runner import Runner
 from encoder.spec import CodeSpec
 from encoder.storage import StorageError
@@ -308,10 +308,10 @@ def finalize_if_complete(state: WorkerState, job_id: str, dest: str) -> bool:
     if state.registry.is_merged(job_id):
         return True
     storage = state.storage(dest)
-    rows = RETRIES.storage.run(lambda: merge_manifest(storage), what=f"job {job_id} merge")
+    info = RETRIES.storage.run(lambda: merge_manifest(storage), what=f"job {job_id} merge")
     fit_duplicate_threshold(state, job_id, storage)
     state.registry.mark_finished(job_id)
-    log.info("job %s complete: manifest of %d rows merged into %s", job_id, len(rows), dest)
+    log.info("job %s complete: manifest of %d rows merged into %s", job_id, info.rows, dest)
     return True
 
 
