@@ -293,7 +293,19 @@ def near_duplicates(ctx: Context, encoder: Any, clean_index: Any, catalogue: Pat
         name = f"photos merged with another photo, {layout}, {at}"
         note = f"of {photos}; the fit expected {fit.false_pairs:.3f} paired at its threshold"
         ctx.add("near-dup", name, merged, "share", note=note)
+    lsh_against_exact(ctx, index, fit.max_distance, layout)
     shutil.rmtree(dest, ignore_errors=True)
+
+
+def lsh_against_exact(ctx: Context, index: Any, max_distance: int, layout: str) -> None:
+    """The groups of the LSH pair search against the exact scan's on these real codes."""
+    from search.duplicates import find_duplicates
+
+    exact = find_duplicates(index, max_distance, features=False, method="exact").groups
+    lsh = find_duplicates(index, max_distance, features=False, method="lsh")
+    same = sum(g in exact for g in lsh.groups) / max(1, len(exact), len(lsh.groups))
+    name = f"LSH groups equal to the exact scan's, {layout}, fitted ({max_distance} bits)"
+    ctx.add("near-dup", name, same, "share", note=f"{len(exact)} groups; {lsh.pairs}")
 
 
 def quality(ctx: Context) -> None:

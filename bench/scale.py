@@ -17,7 +17,6 @@ the pair search at 200,000 codes against the exact scan (uniform and clustered c
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -96,26 +95,28 @@ def synthesize(dest: Path, n: int, features: bool, seed: int = 7) -> dict[int, i
     return dict(zip(copies.tolist(), originals.tolist(), strict=True))
 
 
-def child(code: str) -> tuple[float, float, dict]:
-    """Run ``code`` in a fresh Python: wall seconds, peak RSS (MiB, from ``wait4``), and
-    the JSON it prints last (its own figures)."""
-    import tempfile
+PEAK = """
+def _peak_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+"""
 
+
+def child(code: str) -> tuple[float, float, dict]:
+    """Run ``code`` in a fresh Python: wall seconds, its peak RSS (MiB: ``VmHWM``, the
+    high-water mark of its own memory since it started), and the JSON it prints last."""
     start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as errors:
-        process = subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, stdout=subprocess.PIPE,
-            stderr=errors, text=True,
-        )  # fmt: skip
-        out = process.stdout.read() if process.stdout else ""
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-        seconds = time.perf_counter() - start
-        if process.returncode != 0:
-            errors.seek(0)
-            raise RuntimeError(f"scale step failed: {errors.read()[-2000:]}")
-    lines = [line for line in out.splitlines() if line.startswith("{")]
-    return seconds, usage.ru_maxrss / 1024, json.loads(lines[-1]) if lines else {}
+    run = subprocess.run(
+        [sys.executable, "-c", PEAK + textwrap.dedent(code)], cwd=REPO, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    if run.returncode != 0:
+        raise RuntimeError(f"scale step failed: {run.stderr[-2000:]}")
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    figures = json.loads(lines[-1])
+    return seconds, figures.pop("peak_mib"), figures
 
 
 def timed(call: str, dest: Path, setup: str = "", result: str = "{}") -> str:
@@ -125,12 +126,16 @@ def timed(call: str, dest: Path, setup: str = "", result: str = "{}") -> str:
         D = {str(dest)!r}
         t = time.perf_counter()
         {call}
-        print(json.dumps({{"seconds": time.perf_counter() - t, **{result}}}))
+        print(json.dumps({{"seconds": time.perf_counter() - t, "peak_mib": _peak_mib(), **{result}}}))
     """
 
 
 def cli(*args: str) -> str:
-    return f"import sys; from imgenc.cli import main; sys.exit(main({list(args)!r}))"
+    return (
+        "import json, sys; from imgenc.cli import main\n"
+        f"code = main({list(args)!r})\n"
+        'print(json.dumps({"peak_mib": _peak_mib()})); sys.exit(code)'
+    )
 
 
 def scale(ctx: Context) -> None:

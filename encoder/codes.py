@@ -82,20 +82,24 @@ def numpy_strings(column: Any) -> np.ndarray:
 
 
 def shard_groups(shards: Any) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Rows grouped by shard: the shard keys, and the positions sorted by shard with the
-    start of each shard's run (``starts[i]:starts[i + 1]``)."""
+    """Rows grouped by shard (``shards``: strings, or dictionary-encoded): the shard
+    keys, and the positions sorted by shard with the start of each shard's run
+    (``starts[i]:starts[i + 1]``)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     if not isinstance(shards, (pa.Array, pa.ChunkedArray)):
         shards = pa.array(list(shards), pa.string())
-    encoded = pc.dictionary_encode(shards)
-    if isinstance(encoded, pa.ChunkedArray):
-        encoded = encoded.combine_chunks() if encoded.num_chunks else pa.array([], pa.int32())
-        if not isinstance(encoded, pa.DictionaryArray):
-            return [], np.zeros(0, np.int64), np.zeros(1, np.int64)
-    names = encoded.dictionary.to_pylist()
-    indices = encoded.indices.to_numpy(zero_copy_only=False)
+    if isinstance(shards, pa.Array):
+        shards = pa.chunked_array([shards])
+    if not pa.types.is_dictionary(shards.type):
+        shards = pc.dictionary_encode(shards)
+    shards = pa.Table.from_arrays([shards], names=["shard"]).unify_dictionaries()["shard"]
+    if shards.num_chunks == 0 or len(shards) == 0:
+        return [], np.zeros(0, np.int64), np.zeros(1, np.int64)
+    combined = shards.combine_chunks()
+    names = combined.dictionary.to_pylist()
+    indices = combined.indices.to_numpy(zero_copy_only=False)
     order = np.argsort(indices, kind="stable")
     starts = np.searchsorted(indices[order], np.arange(len(names) + 1))
     return names, order, starts
@@ -122,7 +126,7 @@ def load_codes(dest: str | Path | Storage) -> tuple[np.ndarray, np.ndarray]:
     """
     storage = open_storage(dest) if isinstance(dest, (str, Path)) else dest
     spec = read_spec(storage)
-    table = read_manifest(storage, ["id", "shard", "row"], status=OK)
+    table = read_manifest(storage, ["id", "shard", "row"], status=OK, shards_encoded=True)
     codes = codes_at(storage, spec, table["shard"], table["row"].to_numpy())
     return numpy_strings(table["id"]), codes
 
@@ -136,7 +140,7 @@ def iter_codes(
 
     storage = open_storage(dest) if isinstance(dest, (str, Path)) else dest
     spec = read_spec(storage)
-    table = read_manifest(storage, ["id", "shard", "row"], status=OK)
+    table = read_manifest(storage, ["id", "shard", "row"], status=OK, shards_encoded=True)
     rows = table["row"].to_numpy()
     ids = table["id"]
     names, order, starts = shard_groups(table["shard"])

@@ -49,7 +49,8 @@ from encoder.storage import LocalStorage, Storage, StorageError
 
 FORMAT = 1
 MERGE_RUN_BYTES = 48 << 20  # CSV bytes parsed, sorted and reduced into one run
-MERGE_BATCH_ROWS = 16384  # rows read from each run at a time in the k-way merge
+MERGE_BATCH_ROWS = 8192  # rows read from each run at a time in the k-way merge
+MERGE_FAN_IN = 32  # runs merged at once; more are first merged into longer runs
 ROW_GROUP_ROWS = 131072  # rows per row group of manifest.parquet
 FETCH_THREADS = 16
 _NO_TIME = -(2**63)  # a row without encoded_at: older than any other
@@ -176,14 +177,39 @@ class _RunWriter:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.paths: list[Path] = []
+        self._count = 0
 
     def write(self, table: Any) -> None:
+        self.write_steps(iter([table]))
+
+    def write_steps(self, tables: Iterator[Any]) -> None:
+        """One run from sorted tables (each after the one before), written as they come."""
         import pyarrow as pa
 
-        path = self.folder / f"run-{len(self.paths):05d}.arrow"
-        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table, max_chunksize=MERGE_BATCH_ROWS)
-        self.paths.append(path)
+        path = self.folder / f"run-{self._count:05d}.arrow"
+        self._count += 1
+        writer = None
+        with pa.OSFile(str(path), "wb") as sink:
+            for table in tables:
+                if writer is None:
+                    writer = pa.ipc.new_file(sink, table.schema)
+                writer.write_table(table, max_chunksize=MERGE_BATCH_ROWS)
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            path.unlink()
+        else:
+            self.paths.append(path)
+
+    def fan_in(self) -> None:
+        """Merge runs, oldest first, until at most ``MERGE_FAN_IN`` are left (keeping per
+        id the latest row of each kind, as a run does), so that the final merge holds
+        ``MERGE_FAN_IN`` batches at most, whatever the number of rows."""
+        while len(self.paths) > MERGE_FAN_IN:
+            group, self.paths = self.paths[:MERGE_FAN_IN], self.paths[MERGE_FAN_IN:]
+            self.write_steps(_merge_runs([_read_run(p) for p in group], final=False))
+            for path in group:
+                path.unlink()
 
 
 def _read_run(path: Path) -> Iterator[Any]:
@@ -253,8 +279,9 @@ class _Cursor:
         return taken
 
 
-def _merge_runs(runs: Sequence[Iterator[Any]]) -> Iterator[Any]:
-    """The winning rows of sorted runs, in id order, a step at a time."""
+def _merge_runs(runs: Sequence[Iterator[Any]], final: bool = True) -> Iterator[Any]:
+    """The winning rows of sorted runs (with ``final``; else the latest row of each kind
+    per id, a longer run), in id order, a step at a time."""
     import pyarrow as pa
 
     cursors = [_Cursor(run) for run in runs]
@@ -269,7 +296,7 @@ def _merge_runs(runs: Sequence[Iterator[Any]]) -> Iterator[Any]:
             c.fill()
         step = pa.concat_tables([t for t in taken if t.num_rows])
         if step.num_rows:
-            yield _winners(_sorted(step))
+            yield _winners(_sorted(step)) if final else _last_of_each_kind(_sorted(step))
 
 
 # --- the merge ----------------------------------------------------------------------------
@@ -352,6 +379,7 @@ def merge_into(
         latest = parsed.latest
     else:
         latest = max(previous.latest, parsed.latest)  # type: ignore[union-attr]
+    runs.fan_in()
     sources = [_read_run(p) for p in runs.paths]
     if base is not None:
         sources.insert(0, _read_merged(base, seq=-(2**62)))
@@ -427,7 +455,15 @@ def merge_manifest(storage: Storage) -> ManifestInfo:
         raise StorageError(f"could not merge the manifest of {storage.url}: {exc}") from exc
     storage.put(MANIFEST_INFO_KEY, info.to_json())
     storage.delete(LEGACY_MANIFEST_KEY)
+    _release_memory()
     return info
+
+
+def _release_memory() -> None:
+    """Hand the merge's buffers back to the system (a worker lives on after its merge)."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -475,10 +511,13 @@ def read_manifest(
     dest: str | Path | Storage,
     columns: Sequence[str] | None = None,
     status: str | None = None,
+    shards_encoded: bool = False,
 ) -> Any:
     """The merged manifest of ``dest`` as a pyarrow Table, one row per image, sorted by
     id (``.to_pandas()`` for a DataFrame): ``columns`` only, and only rows of ``status``
-    when given.  Reads ``manifest.parquet`` when it is current, else merges the parts."""
+    when given.  Reads ``manifest.parquet`` when it is current, else merges the parts.
+    ``shards_encoded``: the ``shard`` column dictionary-encoded (a few thousand distinct
+    keys: 4 bytes a row instead of the string)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -487,7 +526,7 @@ def read_manifest(
     storage = open_storage(dest) if isinstance(dest, (str, Path)) else dest
     wanted = list(columns) if columns is not None else None
     with merged_manifest_file(storage) as (path, _):
-        file = pq.ParquetFile(str(path))
+        file = pq.ParquetFile(str(path), read_dictionary=["shard"] if shards_encoded else None)
         read = wanted if wanted is None or status is None else list({*wanted, "status"})
         tables = []
         for batch in file.iter_batches(batch_size=ROW_GROUP_ROWS, columns=read):
@@ -497,6 +536,9 @@ def read_manifest(
         import pyarrow as pa
 
         schema = arrow_schema()
+        if shards_encoded:
+            at = schema.get_field_index("shard")
+            schema = schema.set(at, pa.field("shard", pa.dictionary(pa.int32(), pa.string())))
         if read is not None:
             schema = pa.schema([schema.field(c) for c in read])
         table = pa.Table.from_batches(tables, schema=schema) if tables else schema.empty_table()

@@ -131,13 +131,23 @@ def cmd_fit_dedup(args: argparse.Namespace) -> int:
 
 
 def cmd_dedup(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from search.catalogue import CatalogueImages
     from search.duplicate_fit import NoThreshold, TooFewImages
     from search.duplicates import find_duplicates
 
     index = _open_index(args)
+    bar = tqdm(  # shown only for a search of more than 2 s (LSH tables)
+        desc="dedup: LSH tables", unit="table", disable=args.no_progress, leave=False, delay=2
+    )
+
+    def groups_of() -> Any:
+        features = not args.no_features
+        return find_duplicates(index, args.max_distance, features=features, progress=bar.update)
+
     try:
-        groups = find_duplicates(index, args.max_distance, features=not args.no_features)
+        groups = groups_of()
     except NoThreshold:
         # An older destination, or one fitted for other codes: fit now if its images and
         # its model can be reached, else say how.
@@ -155,7 +165,9 @@ def cmd_dedup(args: argparse.Namespace) -> int:
             _fit(args, index)
         except TooFewImages as exc:
             return _error(f"{exc}; pass --max-distance")
-        groups = find_duplicates(index, args.max_distance, features=not args.no_features)
+        groups = groups_of()
+    finally:
+        bar.close()
     if args.out:
         with open(args.out, "w", encoding="utf-8", newline="") as f:
             f.write(groups.to_csv())
@@ -171,8 +183,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     d = index.describe()
     print(
         f"{args.dest}: {d['images']} images in a {d['kind']} index "
-        f"({d['code_bytes']}-byte codes), saved under "
-        f"{args.dest}/index/"
+        f"({d['code_bytes']}-byte codes, {d['segments']} segments, {d['deleted']} deleted "
+        f"images remembered), saved under {args.dest}/index/"
     )
     return 0
 

@@ -29,7 +29,7 @@ BACKENDS = {  # index kind -> "module:class"
 class CodeBackend(Protocol):
     kind: str
     exact: bool  # True when searches are exhaustive (every code compared)
-    added: int  # codes handed to the engine by this process (merges included)
+    added: int  # codes added by updates in this process (new and re-encoded images)
 
     def __len__(self) -> int: ...
 
@@ -47,8 +47,11 @@ class CodeBackend(Protocol):
         """The stored codes under ``keys``, in their order (``KeyError`` if one is unknown)."""
         ...
 
-    def iter_codes(self, batch: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """``(keys, codes)`` of every stored code, ``batch`` at a time."""
+    def iter_codes(
+        self, batch: int = 65536, padded: bool = False
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(keys, codes)`` of every stored code, ``batch`` at a time (``padded``: zero
+        bytes may follow each code)."""
         ...
 
     def iter_rows(self, columns: list[str], batch: int = 65536) -> Iterator[Any]:

@@ -107,14 +107,19 @@ class DuplicateGroups:
 
 
 def all_codes(index: Index) -> tuple[np.ndarray, np.ndarray]:
-    """``(keys, codes)`` of every indexed image, in one array each."""
-    keys, codes = [], []
-    for k, c in index.backend.iter_codes(CODES_BATCH):
-        keys.append(k)
-        codes.append(c)
-    if not keys:
+    """``(keys, codes)`` of every indexed image, in one array each (codes as the backend
+    stores them: padded with zero bytes, which change no distance)."""
+    parts = list(index.backend.iter_codes(CODES_BATCH, padded=True))
+    if not parts:
         return np.zeros(0, np.int64), np.zeros((0, index.code_bytes), np.uint8)
-    return np.concatenate(keys), np.concatenate(codes)
+    keys = np.concatenate([k for k, _ in parts])
+    codes = np.empty((len(keys), parts[0][1].shape[1]), np.uint8)
+    at = 0
+    while parts:  # one copy: each batch freed once in place
+        _, chunk = parts.pop(0)
+        codes[at : at + len(chunk)] = chunk
+        at += len(chunk)
+    return keys, codes
 
 
 def find_duplicates(
@@ -186,15 +191,19 @@ def group_pairs(
 
     if not len(a):
         return []
-    nodes, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
+    nodes = np.unique(np.concatenate([a, b]))
+    found, rows = index.rows(keys[nodes], ["id", "pixels", "file_bytes"])
+    if not found.all():  # deleted by a refresh since the codes were read: left out
+        held = np.isin(a, nodes[found]) & np.isin(b, nodes[found])
+        a, b, d, nodes = a[held], b[held], d[held], nodes[found]
+        if not len(a):
+            return []
     m = len(nodes)
     half = len(a)
+    inverse = np.searchsorted(nodes, np.concatenate([a, b]))
     src = np.concatenate([inverse[:half], inverse[half:]])
     dst = np.concatenate([inverse[half:], inverse[:half]])
     dist = np.concatenate([d, d])
-    found, rows = index.rows(keys[nodes], ["id", "pixels", "file_bytes"])
-    if not found.all():
-        raise KeyError("an image of a pair left the index while it was grouped")
     id_rank = np.empty(m, np.int64)
     id_rank[pc.sort_indices(rows["id"]).to_numpy()] = np.arange(m)
     pixels = rows["pixels"].to_numpy()

@@ -9,8 +9,9 @@ Longer codes (3,063-byte spatial ones) use faiss's generic kernel.
 Each segment's faiss index works by row; the backend turns rows into image keys and back.
 A search asks every segment for its nearest live codes (tombstones are skipped by a faiss
 selector) and keeps the nearest of all.  An update adds one segment and tombstones: it
-neither rebuilds nor copies what is there.  ``added`` counts the codes ever handed to
-faiss, so a caller (or a test) can see that a deletion wrote none.
+neither rebuilds nor copies what is there.  ``added`` counts the codes updates handed to
+faiss, and ``rewritten`` those merges and compactions copied, so a caller (or a test) can
+see that a deletion wrote none.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from search.segments import (
     TIER,
     Segment,
     SegmentSet,
+    code_view,
     flat_storage,
     iter_live,
     make_segment,
@@ -71,7 +73,8 @@ class FaissFlat:
         self._view = SegmentSet()
         self._saved: set[str] = set()
         self._saved_dead: tuple[str | None, str] = (None, "")  # tombstones file, digest
-        self.added = 0  # codes handed to faiss by this process (merges included)
+        self.added = 0  # codes added by updates (new and re-encoded images)
+        self.rewritten = 0  # codes copied into merged or compacted segments
 
     # --- codes in, codes out -----------------------------------------------------------------
     def _new_index(self) -> Any:
@@ -89,13 +92,26 @@ class FaissFlat:
         padded[:, : self.code_bytes] = codes
         return padded
 
-    def _build(self, rows: Any, padded: np.ndarray) -> Segment:
+    def _build(self, rows: Any, codes: np.ndarray, merged: bool = False) -> Segment:
+        """A segment of ``rows`` and their codes (stored or unpadded width)."""
         index = self._new_index()
-        if len(padded):
-            index.add(np.ascontiguousarray(padded))
-        self.added += len(padded)
+        if len(codes):
+            self._fill(index, codes)
+        if merged:
+            self.rewritten += len(codes)
+        else:
+            self.added += len(codes)
         rows = rows.unify_dictionaries().combine_chunks()
         return make_segment(rows, index)
+
+    def _fill(self, index: Any, codes: np.ndarray) -> None:
+        """Copy codes straight into faiss's own storage (one copy, padding included)."""
+        n, width = codes.shape
+        if width not in (self.code_bytes, self.stored_bytes):
+            raise ValueError(f"codes of {width} bytes; this index holds {self.code_bytes}")
+        index.xb.resize(n * self.stored_bytes)  # zero-filled: the padding
+        index.ntotal = n
+        code_view(index)[:, :width] = codes
 
     def __len__(self) -> int:
         return len(self._view)
@@ -172,7 +188,7 @@ class FaissFlat:
             live = view.live_rows(segment)
             tables.append(segment.rows.take(pa.array(live)))
             codes.append(segment.codes[live])
-        return self._build(pa.concat_tables(tables), np.concatenate(codes))
+        return self._build(pa.concat_tables(tables), np.concatenate(codes), merged=True)
 
     # --- looking up ----------------------------------------------------------------------------
     def lookup(self, keys: np.ndarray, columns: list[str] | None = None) -> tuple[np.ndarray, Any]:
@@ -211,9 +227,13 @@ class FaissFlat:
             out[mine] = view.segments[n].codes[at[mine], : self.code_bytes]
         return out
 
-    def iter_codes(self, batch: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """``(keys, codes)`` of every live code, ``batch`` at a time."""
-        for segment, rows, codes in iter_live(self._view, batch, self.code_bytes):
+    def iter_codes(
+        self, batch: int = 65536, padded: bool = False
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(keys, codes)`` of every live code, ``batch`` at a time (``padded``: as
+        stored, zero bytes added up to ``stored_bytes``)."""
+        width = self.stored_bytes if padded else self.code_bytes
+        for segment, rows, codes in iter_live(self._view, batch, width):
             yield segment.keys[rows], codes
 
     def iter_rows(self, columns: list[str], batch: int = 65536) -> Iterator[Any]:
@@ -367,6 +387,12 @@ class FaissHNSW(FaissFlat):
     kind = "hnsw"
     exact = False
     segment_rows = HNSW_SEGMENT_ROWS
+
+    def _fill(self, index: Any, codes: np.ndarray) -> None:
+        """HNSW links each code as it is added: a chunk at a time, padded."""
+        for start in range(0, len(codes), 65536):
+            chunk = codes[start : start + 65536]
+            index.add(chunk if chunk.shape[1] == self.stored_bytes else self._pad(chunk))
 
     def _new_index(self) -> Any:
         import faiss

@@ -12,7 +12,8 @@
   bits apart agree on ``k`` random bits with probability ``C(n - d, k) / C(n, k)``, the
   same for every pair at that distance whatever the data; tables are drawn independently
   until a pair at the radius has been missed by all of them with probability at most
-  ``MISS`` (0.5%; pairs nearer are missed far less often).  ``k`` starts near
+  ``MISS`` (0.2%; pairs nearer are missed far less often).  A radius so large that this
+  would take more than ``MAX_TABLES`` tables (near half the bits) is scanned exactly.  ``k`` starts near
   log2(N) and grows while a table yields more than ``CANDIDATES_PER_CODE`` candidates per
   code (clustered codes share more keys).  Work grows as N x tables, not N².
 
@@ -34,7 +35,7 @@ import numpy as np
 
 EXACT_LIMIT = 20_000  # codes up to which the exact scan is cheaper than tables
 MAX_LSH_BYTES = 256  # longer codes (spatial layouts) are compared exactly
-MISS = 0.005  # the largest chance that a pair at the radius escapes every table
+MISS = 0.002  # the largest chance that a pair at the radius escapes every table
 CANDIDATES_PER_CODE = 2  # a table yielding more candidate pairs per code gets more bits
 MAX_TABLES = 2000
 VERIFY_BATCH = 1 << 22  # candidate pairs compared at a time
@@ -115,7 +116,8 @@ def close_pairs(
         return _exact(codes, radius)
     if method != "lsh":
         raise ValueError(f"method must be auto, exact or lsh, not {method!r}")
-    return _Tables(codes, radius, n_bits, seed, progress).run()
+    found = _Tables(codes, radius, n_bits, seed, progress).run()
+    return found if found.miss <= MISS else _exact(codes, radius)  # out of tables
 
 
 def _exact(codes: np.ndarray, radius: int) -> NearPairs:
@@ -167,10 +169,12 @@ class _Tables:
     ) -> None:
         self.n, width = codes.shape
         self.radius, self.n_bits = radius, n_bits
-        words = (width + 7) // 8
-        self.words = np.zeros((self.n, words * 8), np.uint8)
-        self.words[:, :width] = codes
-        self.words = self.words.view(np.uint64)  # (n, words) for the distances
+        if width % 8:
+            words = np.zeros((self.n, (width + 7) // 8 * 8), np.uint8)
+            words[:, :width] = codes
+        else:
+            words = codes
+        self.words = words.view(np.uint64)  # (n, words) for the distances
         self.planes = np.ascontiguousarray(codes.T)  # (width, n): one byte of every code
         self.rng = np.random.default_rng(seed)
         self.progress = progress

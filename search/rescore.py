@@ -70,13 +70,17 @@ class FeatureLookup:
         self._cache: dict[str, np.ndarray] = {}
 
     def by_keys(self, keys: np.ndarray) -> np.ndarray:
-        """``(n, channels)`` features of the images under ``keys`` (all indexed)."""
+        """``(n, channels)`` features of the images under ``keys``; zeros (cosine 0) for
+        one no longer indexed (deleted by a refresh meanwhile)."""
         from encoder.features import features_at
 
         found, rows = self.index.rows(keys, ["shard", "row"])
-        if not found.all():
-            raise KeyError("an image is no longer indexed")
-        return features_at(self.index.storage, rows["shard"].cast("string"), rows["row"].to_numpy())
+        held = features_at(self.index.storage, rows["shard"].cast("string"), rows["row"].to_numpy())
+        if found.all():
+            return held
+        out = np.zeros((len(keys), held.shape[1]), held.dtype)
+        out[found] = held
+        return out
 
     def prefetch(self, ids: Sequence[str]) -> None:
         from encoder.features import features_at

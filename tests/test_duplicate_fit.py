@@ -291,3 +291,18 @@ def test_dedup_with_features_groups_at_least_the_copies_codes_alone_do_and_no_fe
     assert copies_found(groups, originals) >= 0.9 * len(originals)
     distinct = [i for i in groups if i not in originals and i not in originals.values()]
     assert len(distinct) <= 0.05 * 115
+
+
+@pytest.mark.parametrize("rescored", [False, True])
+def test_on_real_codes_the_lsh_pair_search_gives_the_exact_scans_groups(encoded, rescored):
+    """Lite0 codes of real photos and their copies cluster, unlike random codes: the
+    groups from LSH candidates are the exact scan's at the fitted threshold (with and
+    without the re-scoring, which looks farther)."""
+    from search.duplicates import find_duplicates
+
+    index = Index.open(str(encoded["with-copies"][0]))
+    max_distance = None if rescored else fitted(encoded["with-copies"][0]).max_distance
+    exact = find_duplicates(index, max_distance, features=rescored, method="exact")
+    lsh = find_duplicates(index, max_distance, features=rescored, method="lsh")
+    assert len(exact.groups) >= 8 and lsh.groups == exact.groups
+    assert (lsh.rescored is not None) == rescored and "LSH" in lsh.pairs

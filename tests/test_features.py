@@ -72,6 +72,10 @@ def test_a_features_destination_holds_one_float16_row_per_ok_image_aligned_with_
     ids, features = load_features(dest)
     assert len(ids) == 6 and features.shape == (6, 16)
     assert_aligned(dest, folder, **SPATIAL)
+    mapped_ids, mapped = load_features(dest, mmap=True)  # gathered once into one file
+    assert isinstance(mapped, np.memmap) and not mapped.flags.writeable
+    assert list(mapped_ids) == list(ids) and np.array_equal(mapped, features)
+    assert list((dest / "cache").glob("features-*.npy")) == [Path(mapped.filename)]
 
 
 def test_features_stay_out_of_the_fingerprint_so_codes_with_and_without_compare(tmp_path):

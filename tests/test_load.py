@@ -75,7 +75,7 @@ def test_many_images_through_two_workers_complete_once_each_with_flat_worker_mem
         for w in workers:
             w.stop()
     # Per image: from the first 1,000 images to 90% of them (the last chunks may overlap
-    # the merge).  The manifest merge that ends the job (every row in memory, on one
+    # the merge).  The manifest merge that ends the job (Arrow runs merged by id, on one
     # worker) is reported apart: memory of another kind, and allocated once per job.
     after_first_1000 = next(rss for processed, rss in samples if processed >= 1000)
     at_nine_tenths = next(rss for processed, rss in samples if processed >= 0.9 * n_images)
