@@ -80,17 +80,21 @@ def synthesize(dest: Path, n: int, features: bool, seed: int = 7) -> dict[int, i
             )  # fmt: skip
             for i in range(start, stop)
         ]
-        batch = codes[start:stop]
+        batch, feats = codes[start:stop], None
         if features and base is not None:
             rows = np.arange(start, stop)
-            source = np.where(np.isin(rows, copies), 0, rows)
             planted = np.isin(rows, copies)
+            source = rows.copy()
             source[planted] = originals[np.searchsorted(copies, rows[planted])]
             feats = base[source % 1000] + np.sin(source[:, None] * 0.001 + np.arange(CHANNELS))
             feats[planted] += 0.3 * rng.standard_normal((int(planted.sum()), CHANNELS))
-            writer.add(results, Encoded(batch, feats.astype(np.float16)))
-        else:
-            writer.add(results, batch)
+            feats = feats.astype(np.float16)
+        for at in range(0, stop - start, 1024):  # 1,024 rows a shard, as imgenc encode cuts
+            piece = slice(at, at + 1024)
+            writer.add(
+                results[piece],
+                batch[piece] if feats is None else Encoded(batch[piece], feats[piece]),
+            )
     writer.flush()
     return dict(zip(copies.tolist(), originals.tolist(), strict=True))
 

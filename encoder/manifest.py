@@ -108,50 +108,74 @@ def arrow_schema(with_key: bool = True) -> Any:
     return pa.schema(fields)
 
 
+class PartParser:
+    """Parts' bytes in, Arrow tables of their rows out (``arrow_schema`` without ``key``):
+    ``add`` appends a part's rows to one buffer (parts that share a header are parsed in
+    one pass, and each part's bytes are copied once), ``take`` parses what is buffered.
+    A column a part lacks (written by an older version) is null."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.header = b""
+        self.tables: list[Any] = []
+
+    def add(self, data: bytes) -> None:
+        newline = data.find(b"\n")
+        if newline < 0 or not data[newline + 1 :].strip():
+            return  # a header alone: no rows
+        header = data[:newline]
+        if header != self.header:
+            self._parse()
+            self.header = header
+        if not self.buffer:
+            self.buffer += header + b"\n"
+        self.buffer += memoryview(data)[newline + 1 :]
+        if not data.endswith(b"\n"):
+            self.buffer += b"\n"
+
+    def __len__(self) -> int:
+        return len(self.buffer)  # bytes buffered
+
+    def _parse(self) -> None:
+        import pyarrow as pa
+        import pyarrow.csv as pcsv
+
+        if not self.buffer:
+            return
+        types = {f.name: f.type for f in arrow_schema(with_key=False)}
+        types["encoded_at"] = pa.string()  # parse_times: with or without an offset
+        convert = pcsv.ConvertOptions(
+            column_types=types,
+            include_columns=list(COLUMNS),
+            include_missing_columns=True,
+            strings_can_be_null=False,
+        )
+        body, self.buffer = self.buffer, bytearray()
+        parse = pcsv.ParseOptions(newlines_in_values=True)
+        source = pa.BufferReader(pa.py_buffer(body))  # the header, then the rows: no copy
+        table = pcsv.read_csv(source, parse_options=parse, convert_options=convert)
+        self.tables.append(table.select(list(COLUMNS)))
+
+    def take(self) -> Any:
+        """The rows added since the last ``take``, as one table, in the order added."""
+        import pyarrow as pa
+
+        self._parse()
+        tables, self.tables = self.tables, []
+        schema = arrow_schema(with_key=False)
+        if not tables:
+            return schema.empty_table()
+        table = pa.concat_tables(tables)
+        at = table.column_names.index("encoded_at")
+        return table.set_column(at, "encoded_at", parse_times(table["encoded_at"])).cast(schema)
+
+
 def parse_parts(datas: Sequence[bytes]) -> Any:
-    """The rows of several parts (their bytes, in order) as one Arrow table with the
-    manifest's columns (``arrow_schema`` without ``key``), in the order given.  Parts
-    that share a header are parsed in one pass; a column a part lacks (written by an
-    older version) is null."""
-    import pyarrow as pa
-    import pyarrow.csv as pcsv
-
-    schema = arrow_schema(with_key=False)
-    types = {f.name: f.type for f in schema}
-    types["encoded_at"] = pa.string()  # parsed by parse_times: with or without an offset
-    convert = pcsv.ConvertOptions(
-        column_types=types,
-        include_columns=list(COLUMNS),
-        include_missing_columns=True,
-        strings_can_be_null=False,
-    )
-    parse = pcsv.ParseOptions(newlines_in_values=True)
-    tables = []
-    run: list[bytes] = []
-    run_header = b""
-
-    def flush() -> None:
-        if run:
-            body = run_header + b"\n" + b"".join(run)
-            tables.append(
-                pcsv.read_csv(pa.BufferReader(body), parse_options=parse, convert_options=convert)
-            )
-            run.clear()
-
+    """The rows of several parts (their bytes, in order) as one Arrow table."""
+    parser = PartParser()
     for data in datas:
-        header, _, body = data.partition(b"\n")
-        if not body.strip():
-            continue
-        if header != run_header:
-            flush()
-            run_header = header
-        run.append(body if body.endswith(b"\n") else body + b"\n")
-    flush()
-    if not tables:
-        return schema.empty_table()
-    table = pa.concat_tables([t.select(list(COLUMNS)) for t in tables])
-    at = table.column_names.index("encoded_at")
-    return table.set_column(at, "encoded_at", parse_times(table["encoded_at"])).cast(schema)
+        parser.add(data)
+    return parser.take()
 
 
 _ISO_TIME = r"^\d{4}-\d\d-\d\d([T ]\d\d(:\d\d(:\d\d(\.\d{1,9})?)?)?)?"

@@ -41,6 +41,7 @@ from encoder.manifest import (
     MANIFEST_INFO_KEY,
     MANIFEST_KEY,
     OK,
+    PartParser,
     arrow_schema,
     parse_parts,
     part_keys,
@@ -315,16 +316,11 @@ def _parse_runs(storage: Storage, keys: Sequence[str], runs: _RunWriter, seq: in
     import pyarrow.compute as pc
 
     parsed = _Parsed(runs)
-    pending: list[bytes] = []
-    size = 0
+    parser = PartParser()
 
     def flush() -> None:
-        nonlocal size, seq
-        if not pending:
-            return
-        table = parse_parts(pending)
-        pending.clear()
-        size = 0
+        nonlocal seq
+        table = parser.take()
         if not table.num_rows:
             return
         table = with_order(table, seq)
@@ -336,11 +332,10 @@ def _parse_runs(storage: Storage, keys: Sequence[str], runs: _RunWriter, seq: in
         runs.write(_last_of_each_kind(_sorted(table)))
 
     with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
-        for start in range(0, len(keys), 4 * FETCH_THREADS):
-            for data in pool.map(storage.get, keys[start : start + 4 * FETCH_THREADS]):
-                pending.append(data)
-                size += len(data)
-                if size >= MERGE_RUN_BYTES:
+        for start in range(0, len(keys), FETCH_THREADS):
+            for data in pool.map(storage.get, keys[start : start + FETCH_THREADS]):
+                parser.add(data)
+                if len(parser) >= MERGE_RUN_BYTES:
                     flush()
     flush()
     return parsed

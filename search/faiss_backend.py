@@ -127,8 +127,10 @@ class FaissFlat:
         Searches see the index before or after, never half of it."""
         view = self._view
         added = rows["key"].to_numpy() if rows is not None and rows.num_rows else np.zeros(0)
-        gone = np.unique(np.concatenate([np.asarray(remove, np.int64), added.astype(np.int64)]))
         dead = dict(view.dead)
+        gone = np.zeros(0, np.int64)
+        if view.segments:  # what the update replaces or removes
+            gone = np.unique(np.concatenate([np.asarray(remove, np.int64), added.astype(np.int64)]))
         if len(gone):
             where, at = view.find(gone)
             for n in np.unique(where[where >= 0]):

@@ -256,13 +256,15 @@ class Index:
                 if ok.num_rows:
                     tables.append(image_rows(ok))
             parts = dict(info.parts)
-        rows = pa.concat_tables(tables) if tables else None
+        rows = pa.concat_tables(tables).unify_dictionaries().combine_chunks() if tables else None
+        del tables
         self._backend = self._new_backend()
         self.collisions = 0
         if rows is not None:
             rows = self._without_collisions(rows)
-            codes = codes_at(self.storage, self.spec, rows["shard"].cast(pa.string()), rows["row"])
+            codes = codes_at(self.storage, self.spec, rows["shard"], rows["row"].to_numpy())
             self._backend.update(rows, codes, np.zeros(0, np.int64))
+            del codes
         keys = np.concatenate(gone_keys) if gone_keys else np.zeros(0, np.int64)
         times = np.concatenate(gone_times) if gone_times else np.zeros(0, np.int64)
         self._gone = Gone().updated(np.zeros(0, np.int64), keys, times)
