@@ -51,9 +51,3 @@ def mix64(x: np.ndarray) -> np.ndarray:
         x = x * np.uint64(0x94D049BB133111EB)
         return x ^ (x >> np.uint64(31))
 
-
-def salted_order(keys: np.ndarray, salt: str) -> np.ndarray:
-    """A pseudo-random rank of each key, fixed by ``salt`` (uint64: smaller first); the
-    keys sorted by it are a sample spread over the whole catalogue."""
-    salt_bits = np.uint64(image_key(salt))
-    return mix64(np.asarray(keys, np.int64).view(np.uint64) ^ salt_bits)

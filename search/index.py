@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from encoder.codes import codes_at, read_spec
-from encoder.keys import image_key, image_keys, salted_order
+from encoder.keys import image_key, image_keys
 from encoder.manifest import DELETED, OK, part_keys, read_parts
 from encoder.merged import merged_manifest_file, with_order
 from encoder.spec import CodeSpec
@@ -444,16 +444,23 @@ class Index:
 
     def sample_ids(self, n: int, salt: str) -> list[str]:
         """``n`` ids spread over the whole catalogue, the same for the same ``salt`` and
-        catalogue: those first in ``encoder.keys.salted_order`` (in that order)."""
+        catalogue: those whose SHA-256 of ``salt/id`` is smallest, in that order (a
+        batch of ids at a time: memory holds ``n`` of them, not the catalogue)."""
+        import hashlib
+
         import pyarrow as pa
 
-        best_scores = np.zeros(0, np.uint64)
+        best_scores = np.zeros(0, ">u8")
         best_ids = pa.array([], pa.string())
-        for table in self._backend.iter_rows(["key", "id"]):
-            scores = np.concatenate([best_scores, salted_order(table["key"].to_numpy(), salt)])
-            ids = pa.concat_arrays([best_ids, table["id"].combine_chunks()])
+        for table in self._backend.iter_rows(["id"]):
+            ids = table["id"].combine_chunks()
+            digests = b"".join(
+                hashlib.sha256(f"{salt}/{i}".encode()).digest()[:8] for i in ids.to_pylist()
+            )
+            scores = np.concatenate([best_scores, np.frombuffer(digests, ">u8")])
             keep = np.argsort(scores, kind="stable")[:n]
-            best_scores, best_ids = scores[keep], ids.take(pa.array(keep))
+            best_scores = scores[keep]
+            best_ids = pa.concat_arrays([best_ids, ids]).take(pa.array(keep))
         return best_ids.to_pylist()
 
     def shards(self) -> set[str]:
