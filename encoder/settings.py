@@ -63,6 +63,13 @@ class Settings:
     task_time_limit: int = 1800  # s: a chunk running longer is killed (and redelivered)
     image_time_limit: float = 120.0  # s: a worker decoding one image for longer kills itself
     celery_config: str | None = None  # a module whose Celery settings override ours
+    # --- a search engine of its own (search.milvus_backend: `imgenc index DEST --kind milvus`) ---
+    milvus_uri: str | None = None  # http://host:19530, or a local file.db for milvus-lite
+    milvus_token: str | None = None  # USER:PASSWORD where the server checks them
+    milvus_index: str | None = None  # BIN_IVF_FLAT on a server, BIN_FLAT (the only one) on lite
+    milvus_nlist: int = 1024  # BIN_IVF_FLAT: clusters
+    milvus_nprobe: int = 64  # BIN_IVF_FLAT: clusters a search visits (exact searches: all)
+    milvus_timeout: int = 60  # s one call may take: a server gone away fails a sync
     # --- tests only ---
     stub_delay: float = 0.0  # s per image the stub backbone sleeps, to stand in for a model
 
@@ -77,7 +84,10 @@ class Settings:
             raise ValueError(
                 "precision int8 runs on the openvino runtime only (--runtime openvino)"
             )
-        for name in ("bits", "batch", "decode_threads", "chunk", "max_strikes"):
+        for name in (
+            "bits", "batch", "decode_threads", "chunk", "max_strikes", "milvus_nlist",
+            "milvus_nprobe",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.planes:

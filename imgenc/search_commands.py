@@ -56,6 +56,14 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
             return _error(exc)
         except FileNotFoundError as exc:  # a --weights file that is not there
             return _error(exc.args[0] if exc.args else exc)
+        except Exception as exc:  # a search engine that refused or went away
+            from search.milvus_backend import MilvusUnavailable
+
+            if isinstance(exc, MilvusUnavailable) or type(exc).__module__.startswith(
+                ("pymilvus", "grpc")
+            ):
+                return _error(f"Milvus: {exc}")
+            raise
 
     return run
 
@@ -138,8 +146,14 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     from search.duplicates import find_duplicates
 
     index = _open_index(args)
-    bar = tqdm(  # shown only for a search of more than 2 s (LSH tables)
-        desc="dedup: LSH tables", unit="table", disable=args.no_progress, leave=False, delay=2
+    engine = index.remote  # pairs by the engine's range search, an image at a time
+    bar = tqdm(  # shown only for a search of more than 2 s
+        desc="dedup: " + ("images searched" if engine else "LSH tables"),
+        unit="image" if engine else "table",
+        total=len(index) if engine else None,
+        disable=args.no_progress,
+        leave=False,
+        delay=2,
     )
 
     def groups_of() -> Any:
@@ -181,6 +195,14 @@ def cmd_dedup(args: argparse.Namespace) -> int:
 def cmd_index(args: argparse.Namespace) -> int:
     index = _open_index(args)
     d = index.describe()
+    if index.remote:
+        backend = index.backend
+        print(
+            f"{args.dest}: {d['images']} images in the Milvus collection "
+            f"{backend.collection} at {backend.uri} ({backend.index_type}, "
+            f"{d['code_bytes']}-byte codes), in step with the manifest"
+        )
+        return 0
     print(
         f"{args.dest}: {d['images']} images in a {d['kind']} index "
         f"({d['code_bytes']}-byte codes, {d['segments']} segments, {d['deleted']} deleted "
@@ -312,7 +334,12 @@ def add_commands(sub: argparse._SubParsersAction, add_model_args: AddModelArgs) 
 
     index = sub.add_parser("index", help="build or update the search index of a destination")
     index.add_argument("dest")
-    index.add_argument("--kind", choices=("flat", "hnsw"), help="exact (flat) or HNSW [flat]")
+    index.add_argument(
+        "--kind",
+        choices=("flat", "hnsw", "milvus"),
+        help="exact (flat) or HNSW faiss segments under DEST/index/, or a Milvus collection "
+        "(IMGENC_MILVUS_URI) [the kind DEST has, else flat]",
+    )
     index.set_defaults(func=_guarded(cmd_index))
 
     serve = sub.add_parser("serve", help="the search service and its results page")

@@ -23,7 +23,9 @@ from encoder.storage import Storage
 BACKENDS = {  # index kind -> "module:class"
     "flat": "search.faiss_backend:FaissFlat",
     "hnsw": "search.faiss_backend:FaissHNSW",
+    "milvus": "search.milvus_backend:MilvusBackend",
 }
+REMOTE_KINDS = ("milvus",)  # engines of their own, which every process shares
 
 
 class CodeBackend(Protocol):

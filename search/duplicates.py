@@ -45,6 +45,7 @@ from search.near_pairs import NearPairs, close_pairs
 from search.rescore import Rescore, cosines_of, feature_lookup
 
 CODES_BATCH = 1 << 18  # codes read from the index at a time
+ENGINE_PAGE = 4096  # codes read and range-searched at a time on a search engine
 
 
 @dataclass
@@ -122,6 +123,38 @@ def all_codes(index: Index) -> tuple[np.ndarray, np.ndarray]:
     return keys, codes
 
 
+def engine_pairs(
+    index: Index, radius: int, progress: Callable[[int], None] | None = None
+) -> tuple[np.ndarray, NearPairs]:
+    """Every pair within ``radius`` bits by the search engine's own range search (each
+    stored code against the collection, a page at a time): ``(keys, pairs)`` as
+    ``close_pairs`` gives them, rows numbering ``keys``."""
+    pages, found = [], []
+    for keys, codes in index.backend.iter_codes(ENGINE_PAGE):
+        pages.append(keys)
+        for key, (distances, others) in zip(
+            keys.tolist(), index.backend.within(codes, radius), strict=True
+        ):
+            later = others > key  # each pair once (and never an image with itself)
+            if later.any():
+                found.append((np.full(int(later.sum()), key), others[later], distances[later]))
+        if progress:
+            progress(len(keys))
+    keys = np.concatenate(pages) if pages else np.zeros(0, np.int64)
+    order = np.argsort(keys, kind="stable")
+    if found and len(keys):
+        a_keys, b_keys, d = (np.concatenate(x) for x in zip(*found, strict=True))
+    else:
+        a_keys = b_keys = d = np.zeros(0, np.int64)
+    a = order[np.minimum(np.searchsorted(keys, a_keys, sorter=order), len(keys) - 1)]
+    b = order[np.minimum(np.searchsorted(keys, b_keys, sorter=order), len(keys) - 1)]
+    held = (keys[a] == a_keys) & (keys[b] == b_keys)  # not one written during the scan
+    a, b, d = a[held], b[held], d[held]
+    swap = a > b
+    a[swap], b[swap] = b[swap], a[swap]
+    return keys, NearPairs(a, b, d, radius, "range")
+
+
 def find_duplicates(
     index: Index,
     max_distance: int | None = None,
@@ -145,13 +178,16 @@ def find_duplicates(
             f"max distance must be between 0 and {limit} bits, half the code: unrelated "
             f"codes differ by about that much, so a larger one would group everything"
         )
-    keys, codes = all_codes(index)
     lookup = feature_lookup(index) if rescore is not None else None
     if lookup is None:
         rescore = None
     reach = min(limit, max(max_distance, rescore.max_distance)) if rescore else max_distance
-    pairs = close_pairs(codes, reach, bits, method=method, progress=progress)
-    del codes
+    if index.remote and method in ("auto", "range"):
+        keys, pairs = engine_pairs(index, reach, progress)
+    else:
+        keys, codes = all_codes(index)
+        pairs = close_pairs(codes, reach, bits, method=method, progress=progress)
+        del codes
     a, b, d = pairs.a, pairs.b, pairs.distance.astype(np.int64)
     if rescore is not None and lookup is not None:
         keep = _rescored(rescore, lookup, keys, a, b, d)

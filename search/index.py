@@ -46,7 +46,8 @@ from encoder.manifest import DELETED, OK, part_keys, read_parts
 from encoder.merged import merged_manifest_file, with_order
 from encoder.spec import CodeSpec
 from encoder.storage import Storage, StorageError, open_storage
-from search.backend import BACKENDS, CodeBackend, new_backend
+from search.backend import BACKENDS, REMOTE_KINDS, CodeBackend, new_backend
+from search.sync_lock import SyncBusy, sync_lock
 
 log = logging.getLogger("imgenc.search")
 
@@ -54,6 +55,7 @@ FORMAT = 3  # 3: segments under stable keys
 INDEX_PREFIX = "index"
 META_KEY = f"{INDEX_PREFIX}/meta.json"
 KINDS = tuple(BACKENDS)
+SYNC_WAIT = 600.0  # s an explicit sync (imgenc index, a job's end) waits for another one
 DEFAULT_HNSW_M = 32  # graph neighbours per node
 TIE_MARGIN = 16  # extra neighbours fetched to break ties at the k-th distance by id
 PARTS_PER_STEP = 256  # new manifest parts applied at a time
@@ -193,6 +195,10 @@ class Index:
         persisted_kind = meta.get("kind") if meta else None
         index = cls(storage, spec, kind or persisted_kind or "flat", hnsw_m)
         loaded = bool(meta) and index._load(meta)
+        if index.remote:  # the engine and meta.json are shared: sync under the lock
+            changed = index.refresh(wait=SYNC_WAIT if save else 0.0)
+            index.origin = "built" if not loaded else ("updated" if changed else "loaded")
+            return index
         if meta and not loaded:
             log.info("index in %s/%s is not reusable; rebuilding", storage.url, INDEX_PREFIX)
         changed = index.refresh(save=False)
@@ -205,35 +211,70 @@ class Index:
         return index
 
     @property
+    def remote(self) -> bool:
+        """Whether a search engine of its own keeps the codes (shared by every process)."""
+        return bool(getattr(self._backend, "remote", False))
+
+    @property
     def stale(self) -> bool:
         """True when the destination holds manifest parts this index does not cover."""
+        if self.remote:  # another process may have synced the engine since
+            meta = _read_meta(self.storage) or {}
+            return part_keys(self.storage) != meta.get("parts")
         return part_keys(self.storage) != self._parts
 
-    def refresh(self, save: bool = True) -> bool:
-        """Cover what the destination holds now; returns whether anything changed."""
+    def refresh(self, save: bool = True, wait: float = 0.0) -> bool:
+        """Cover what the destination holds now; returns whether anything changed.
+
+        With a search engine of its own (Milvus), the sync runs under the destination's
+        sync lock (``search.sync_lock``; ``wait`` seconds for another process's sync to
+        end, else nothing is done now and False returned), starts from what the last
+        sync recorded in ``meta.json``, and records its progress there after each step,
+        whatever ``save`` says: a sync cut off is completed by the next one."""
         with self._lock:
-            current = part_keys(self.storage)
-            if current == self._parts:
+            if not self.remote:
+                return self._refresh(save, checkpoint=False)
+            try:
+                with sync_lock(self.storage, wait):
+                    self._adopt_saved()
+                    return self._refresh(True, checkpoint=True)
+            except SyncBusy as exc:
+                log.info("%s; this refresh is left to it", exc)
                 return False
-            rewritten = [k for k, v in self._parts.items() if current.get(k) != v]
-            if rewritten or not self._parts:
-                if rewritten:
-                    log.info(
-                        "index of %s: %d parts rewritten since (first %s); rebuilding",
-                        self.storage.url, len(rewritten), rewritten[0],
-                    )  # fmt: skip
-                self._build()
-            else:
-                new = [k for k in current if k not in self._parts]
-                for start in range(0, len(new), PARTS_PER_STEP):
-                    step = new[start : start + PARTS_PER_STEP]
-                    self._apply(read_parts(self.storage, step))
-                    self._parts.update((k, current[k]) for k in step)
-            self.generation = secrets.token_hex(6)
-            self.updated_at = time.time()
-            if save:
-                self.save()
-            return True
+
+    def _adopt_saved(self) -> None:
+        """Take the state the last sync saved (another process's, maybe)."""
+        meta = _read_meta(self.storage)
+        if not meta or meta.get("generation") == self.generation and self._parts:
+            return
+        if not self._load(meta):
+            self._parts = {}  # nothing to build on: the next step rebuilds
+
+    def _refresh(self, save: bool, checkpoint: bool) -> bool:
+        current = part_keys(self.storage)
+        if current == self._parts:
+            return False
+        rewritten = [k for k, v in self._parts.items() if current.get(k) != v]
+        if rewritten or not self._parts:
+            if rewritten:
+                log.info(
+                    "index of %s: %d parts rewritten since (first %s); rebuilding",
+                    self.storage.url, len(rewritten), rewritten[0],
+                )  # fmt: skip
+            self._build()
+        else:
+            new = [k for k in current if k not in self._parts]
+            for start in range(0, len(new), PARTS_PER_STEP):
+                step = new[start : start + PARTS_PER_STEP]
+                self._apply(read_parts(self.storage, step))
+                self._parts.update((k, current[k]) for k in step)
+                if checkpoint and start + PARTS_PER_STEP < len(new):
+                    self.save()
+        self.generation = secrets.token_hex(6)
+        self.updated_at = time.time()
+        if save:
+            self.save()
+        return True
 
     def _build(self) -> None:
         """Index the merged manifest from scratch (it is merged now if not current)."""
@@ -259,6 +300,8 @@ class Index:
         rows = pa.concat_tables(tables).unify_dictionaries().combine_chunks() if tables else None
         del tables
         self._backend = self._new_backend()
+        if self.remote:
+            self._backend.clear()  # type: ignore[attr-defined]
         self.collisions = 0
         if rows is not None:
             rows = self._without_collisions(rows)
@@ -334,8 +377,12 @@ class Index:
         self._backend.update(rows, codes, keys[deleted & found])
         self._gone = self._gone.updated(keys[add], keys[deleted], times[deleted])
 
-    def _new_backend(self) -> CodeBackend:
-        return new_backend(self.kind, self.code_bytes, hnsw_m=self.hnsw_m)
+    def _new_backend(self, saved: dict[str, Any] | None = None) -> CodeBackend:
+        """An empty backend of this index's kind (``saved``: what a save of it returned)."""
+        options: dict[str, Any] = {"hnsw_m": self.hnsw_m}
+        if self.kind == "milvus":
+            options.update(milvus_options(self.storage, self.spec, saved or {}))
+        return new_backend(self.kind, self.code_bytes, **options)
 
     # --- persistence ----------------------------------------------------------------------
     def save(self) -> None:
@@ -383,7 +430,12 @@ class Index:
             or (self.kind == "hnsw" and meta.get("hnsw_m") != self.hnsw_m)
         ):
             return False
-        backend = self._new_backend()
+        backend = self._new_backend(meta.get("backend"))
+        current = self._backend
+        if getattr(current, "_client", None) is not None and getattr(
+            current, "uri", None
+        ) == getattr(backend, "uri", None):  # the same engine: keep the connection
+            backend._client = current._client  # type: ignore[attr-defined]
         try:
             backend.load(self.storage, INDEX_PREFIX, meta["backend"])
             gone = Gone()
@@ -400,8 +452,8 @@ class Index:
             zipfile.BadZipFile,
         ):
             return False  # damaged or partly written: rebuild
-        if len(backend) != meta.get("count"):
-            return False
+        if not getattr(backend, "remote", False) and len(backend) != meta.get("count"):
+            return False  # (an engine's count is its own: a sync cut off may have moved it)
         self._backend = backend
         self._gone = gone
         self._saved_gone = (meta.get("gone"), hash((gone.keys.tobytes(), gone.times.tobytes())))
@@ -601,6 +653,37 @@ class Index:
             "segments": len(segments),
             "deleted": len(self._gone.keys),
         }
+
+
+def sync_engine(dest: str | Storage) -> bool:
+    """Bring a destination's search engine (a remote kind, such as Milvus) up to date
+    with its manifest, waiting for another sync if one runs; False if it has none."""
+    storage = open_storage(dest) if isinstance(dest, str) else dest
+    meta = _read_meta(storage)
+    if not meta or meta.get("kind") not in REMOTE_KINDS:
+        return False
+    Index.open(storage)
+    return True
+
+
+def milvus_options(storage: Storage, spec: CodeSpec, saved: dict[str, Any]) -> dict[str, Any]:
+    """The Milvus backend's options: the settings (``IMGENC_MILVUS_*``) first, then what
+    the last save recorded; the collection is the destination's and the spec's."""
+    from encoder.settings import process_settings
+    from search.milvus_backend import collection_name
+
+    settings = process_settings()
+    index_type = settings.milvus_index or saved.get("index_type")
+    same_type = index_type == saved.get("index_type")
+    return {
+        "uri": settings.milvus_uri or saved.get("uri"),
+        "token": settings.milvus_token,
+        "collection": collection_name(storage.url, spec.fingerprint),
+        "index_type": index_type,
+        "nlist": saved["nlist"] if same_type and saved.get("nlist") else settings.milvus_nlist,
+        "nprobe": settings.milvus_nprobe,
+        "timeout": settings.milvus_timeout,
+    }
 
 
 def _read_meta(storage: Storage) -> dict[str, Any] | None:

@@ -53,7 +53,7 @@ class NearPairs:
     b: np.ndarray
     distance: np.ndarray
     radius: int
-    method: str  # "exact" or "lsh"
+    method: str  # "exact", "lsh", or "range" (a search engine's: search.duplicates)
     tables: int = 0
     bits: list[int] | None = None  # bits per table (lsh)
     miss: float = 0.0  # chance bound that a pair at the radius was missed (lsh)
@@ -65,6 +65,8 @@ class NearPairs:
     def describe(self) -> str:
         if self.method == "exact":
             return "pairs by an exact scan"
+        if self.method == "range":
+            return f"pairs by the search engine's range search within {self.radius} bits"
         k = sorted(set(self.bits or []))
         span = f"{k[0]}" if len(k) == 1 else f"{k[0]}-{k[-1]}"
         return (

@@ -220,7 +220,7 @@ class SearchService:
             try:
                 changed = self.index.refresh(save=False)
                 self.checked_at = time.time()
-                if changed:
+                if changed and not self.index.remote:  # (an engine's sync saved itself)
                     log.info("index updated: %d images", len(self.index))
                     try:
                         self.index.save()

@@ -728,3 +728,77 @@ def encode_and_fit(folder: Path, dest: Path, **overrides) -> None:
     encoder = load_encoder(settings)
     encode_folder(folder, str(dest), settings, progress=False, encoder=encoder)
     fit_destination(Index.open(str(dest)), encoder, settings.dedup_kinds.split(","), progress=False)
+
+
+class MilvusServer:
+    """A real Milvus standalone server (the ``milvus`` package's ``milvus-server``: embedded
+    etcd and rocksmq, no Docker) on free ports, its data under ``workdir``."""
+
+    START_SECONDS = 180
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> MilvusServer:
+        exe = shutil.which("milvus-server") or str(BIN / "milvus-server")
+        with open(self.workdir / "milvus.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [exe, "--data", str(self.workdir / "data"), "--proxy-port", str(self.port),
+                 *self._component_ports(),
+                 # A server restarted after a kill waits for its dead self's sessions to
+                 # expire: 5 s instead of 30.
+                 "--extra-config", "common.session.ttl=5"],  # fmt: skip
+                stdin=subprocess.DEVNULL,  # not pytest's
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            wait_for(self._up, self.START_SECONDS, "Milvus standalone", interval=0.5)
+        except BaseException:
+            self.stop(kill=True)
+            raise
+        return self
+
+    @staticmethod
+    def _component_ports() -> list[str]:
+        """Free ports for its other components: left to itself, it probes from fixed
+        defaults, and one still in TIME_WAIT from the last server stalls the start."""
+        names = ("etcd", "root-coord", "proxy-internal", "query-coord", "query-node",
+                 "index-coord", "index-node", "data-coord", "data-node")  # fmt: skip
+        return [arg for name in names for arg in (f"--{name}-port", str(free_port()))]
+
+    def _up(self) -> bool:
+        """Up when a client call is answered (its HTTP health port moves off 9091 when
+        that is taken, so the proxy is asked instead)."""
+        from pymilvus import MilvusClient
+
+        if self.proc.poll() is not None:
+            log = (self.workdir / "milvus.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"milvus-server exited {self.proc.returncode}: {log}")
+        if not port_open(self.port):
+            return False
+        try:
+            client = MilvusClient(uri=self.uri, timeout=3)
+            client.list_collections(timeout=3)  # (its retries are bounded by an int timeout)
+            client.close()
+            return True
+        except Exception:
+            return False
+
+    def stop(self, kill: bool = False) -> None:
+        """Stop (or kill) it, and then kill what is left of it: the server outlives the
+        ``milvus-server`` wrapper it runs under."""
+        proc = self.proc
+        stop_group(proc, 0 if kill else 30, signal.SIGKILL if kill else signal.SIGTERM)
+        if proc is not None:
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        self.proc = None

@@ -136,3 +136,27 @@ def test_cpu_workers_build_the_openvino_variant_and_run_int8_with_a_mounted_cali
     assert any(v.endswith(":/calib:ro") for v in service["volumes"])
     dockerfile = (REPO / "Dockerfile").read_text()
     assert 'if [ "$VARIANT" = "cpu" ]' in dockerfile and ".[flower,openvino]" in dockerfile
+
+
+def test_milvus_runs_pinned_with_its_etcd_and_minio_a_health_check_and_a_password():
+    milvus, etcd = SERVICES["milvus"], SERVICES["etcd"]
+    for service in (milvus, etcd):
+        image = service["image"]
+        assert ":" in image and not image.endswith(":latest"), image
+        assert service["healthcheck"]["test"]
+    assert milvus["environment"]["ETCD_ENDPOINTS"] == "etcd:2379"
+    assert milvus["environment"]["MINIO_ADDRESS"] == "minio:9000"
+    assert milvus["environment"]["COMMON_SECURITY_AUTHORIZATIONENABLED"] == "true"
+    assert "${MILVUS_PASSWORD:?" in milvus["environment"]["COMMON_SECURITY_DEFAULTROOTPASSWORD"]
+    assert milvus["depends_on"]["etcd"]["condition"] == "service_healthy"
+
+
+def test_the_search_service_points_at_milvus_with_its_password():
+    from encoder.settings import Settings
+
+    env = SERVICES["search"]["environment"]
+    assert env["IMGENC_MILVUS_URI"] == "http://milvus:19530"
+    assert env["IMGENC_MILVUS_TOKEN"].startswith("root:${MILVUS_PASSWORD:?")
+    assert SERVICES["search"]["depends_on"]["milvus"]["condition"] == "service_healthy"
+    settings = Settings.from_env(environ={"IMGENC_MILVUS_URI": "http://milvus:19530"})
+    assert settings.milvus_uri == "http://milvus:19530"

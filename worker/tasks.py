@@ -310,9 +310,23 @@ def finalize_if_complete(state: WorkerState, job_id: str, dest: str) -> bool:
     storage = state.storage(dest)
     info = RETRIES.storage.run(lambda: merge_manifest(storage), what=f"job {job_id} merge")
     fit_duplicate_threshold(state, job_id, storage)
+    sync_search_engine(job_id, storage)
     state.registry.mark_finished(job_id)
     log.info("job %s complete: manifest of %d rows merged into %s", job_id, info.rows, dest)
     return True
+
+
+def sync_search_engine(job_id: str, storage: Any) -> None:
+    """Where the destination's index is a search engine of its own (Milvus), bring it up
+    to date with what the job wrote.  A sync that fails is logged and left to the next
+    one (``imgenc index``, or a search server's refresh); it never fails the job."""
+    from search.index import sync_engine
+
+    try:
+        if sync_engine(storage):
+            log.info("job %s: the search engine of %s is in step", job_id, storage.url)
+    except Exception:
+        log.exception("job %s: search engine sync failed; `imgenc index` redoes it", job_id)
 
 
 def fit_duplicate_threshold(state: WorkerState, job_id: str, storage: Any) -> None:
